@@ -1,0 +1,11 @@
+"""ComfyUI nodes of the ReconX pack: thin adapters over reconx_core (parse inputs, call, wrap outputs)."""
+
+from . import dust3r_nodes
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+for _module in (dust3r_nodes,):
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

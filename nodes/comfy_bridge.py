@@ -1,0 +1,284 @@
+"""The one place the pack talks to ComfyUI.
+
+Model folders (folder_paths), devices and offloading (comfy.model_management / ModelPatcher), the progress bar
+and interrupt checks (comfy.utils), native output types (comfy_api SPLAT / File3D) and the output folder all go
+through here. Each has a plain fallback so that the node classes import and run without ComfyUI (CI calls
+them directly); the fallbacks are noted where they differ.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger("reconx")
+
+try:  # inside ComfyUI
+    import folder_paths  # type: ignore
+    import comfy.model_management as model_management  # type: ignore
+    import comfy.utils as comfy_utils  # type: ignore
+    HAVE_COMFY = True
+except ImportError:  # a script, a notebook, or CI
+    folder_paths = model_management = comfy_utils = None
+    HAVE_COMFY = False
+
+MODEL_EXTENSIONS = {".safetensors", ".pth", ".ckpt", ".pt", ".sft"}
+# Our model folders under ComfyUI's models/ (DESIGN.md): folder name -> what it holds.
+MODEL_FOLDERS = {"dust3r": "DUSt3R checkpoints", "reconx": "DynamiCrafter-512-interp, structure branch, LPIPS backbones"}
+
+# Without ComfyUI, models live here (override with RECONX_MODELS_DIR).
+_FALLBACK_MODELS_DIR = Path(os.environ.get("RECONX_MODELS_DIR", Path(__file__).resolve().parents[1] / "models"))
+_FALLBACK_OUTPUT_DIR = Path(os.environ.get("RECONX_OUTPUT_DIR", Path(__file__).resolve().parents[1] / "out"))
+
+
+def register_model_folders() -> None:
+    """Add models/dust3r and models/reconx to ComfyUI's folder registry (idempotent)."""
+    if not HAVE_COMFY:
+        return
+    for name in MODEL_FOLDERS:
+        path = os.path.join(folder_paths.models_dir, name)
+        if name in folder_paths.folder_names_and_paths:
+            folder_paths.add_model_folder_path(name, path)
+        else:
+            folder_paths.folder_names_and_paths[name] = ([path], set(MODEL_EXTENSIONS))
+
+
+def model_folders(name: str) -> list[Path]:
+    """The folders searched for models of kind `name` ("dust3r" or "reconx")."""
+    if HAVE_COMFY:
+        register_model_folders()
+        return [Path(p) for p in folder_paths.get_folder_paths(name)]
+    return [_FALLBACK_MODELS_DIR / name]
+
+
+def list_models(name: str) -> list[str]:
+    """File names (relative to their folder) of the models of kind `name`, for a node's combo box."""
+    if HAVE_COMFY:
+        register_model_folders()
+        return sorted(folder_paths.get_filename_list(name))
+    found = []
+    for folder in model_folders(name):
+        if folder.is_dir():
+            found += [str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in MODEL_EXTENSIONS]
+    return sorted(found)
+
+
+def model_path(name: str, filename: str) -> Path:
+    """Absolute path of `filename` in the `name` model folders; a clear error when it is not there."""
+    from reconx_core.errors import CheckpointError
+
+    if HAVE_COMFY:
+        register_model_folders()
+        full = folder_paths.get_full_path(name, filename)
+        if full is not None:
+            return Path(full)
+    else:
+        for folder in model_folders(name):
+            candidate = (folder / filename).resolve()
+            if candidate.is_file() and folder.resolve() in candidate.parents:
+                return candidate
+    folders = ", ".join(str(f) for f in model_folders(name))
+    raise CheckpointError(f"model file '{filename}' not found in models/{name} ({folders}); put it there and refresh")
+
+
+def output_directory() -> Path:
+    if HAVE_COMFY:
+        return Path(folder_paths.get_output_directory())
+    return _FALLBACK_OUTPUT_DIR
+
+
+def safe_output_path(relative: str) -> Path:
+    """Resolve `relative` inside the output folder; refuse anything that escapes it (../, absolute paths)."""
+    from reconx_core.errors import InputError
+
+    root = output_directory().resolve()
+    path = (root / relative).resolve()
+    if root != path and root not in path.parents:
+        raise InputError(f"output path '{relative}' leaves ComfyUI's output folder; use a name relative to it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- devices
+def compute_device() -> torch.device:
+    """The device our stages run on: ComfyUI's torch device, else CUDA when present, else the CPU."""
+    if HAVE_COMFY:
+        return model_management.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def offload_device() -> torch.device:
+    if HAVE_COMFY:
+        return model_management.unet_offload_device()
+    return torch.device("cpu")
+
+
+def resolve_device(choice: str) -> torch.device:
+    """Map a node's device widget ("auto", "cpu", "cuda") to a torch device."""
+    from reconx_core.errors import InputError
+
+    if choice == "auto":
+        return compute_device()
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was chosen but no CUDA GPU is available; choose 'auto' or 'cpu'")
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """Map a precision widget ("auto", "fp32", "fp16", "bf16") to a dtype; half precision only on CUDA."""
+    from reconx_core.errors import InputError
+
+    if choice == "fp32":
+        return torch.float32
+    if choice in ("fp16", "bf16"):
+        if device.type != "cuda":
+            raise InputError(f"precision '{choice}' needs a CUDA GPU; choose 'fp32' or 'auto' on {device.type}")
+        return torch.float16 if choice == "fp16" else torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class ManagedModel:
+    """A network ComfyUI can offload when other models need the GPU.
+
+    Inside ComfyUI the module is wrapped in a ModelPatcher: `acquire()` asks model management to load it on the
+    compute device (unloading others if needed) and returns the module. Without ComfyUI it just moves the module.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype, name: str = "model"):
+        self.module = module
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.name = name
+        self.patcher = None
+        if HAVE_COMFY:
+            import comfy.model_patcher  # type: ignore
+
+            self.patcher = comfy.model_patcher.ModelPatcher(module, load_device=self.device,
+                                                             offload_device=offload_device())
+
+    def acquire(self) -> torch.nn.Module:
+        if self.patcher is not None:
+            model_management.load_models_gpu([self.patcher])
+        else:
+            self.module.to(self.device)
+        return self.module
+
+    def __repr__(self) -> str:
+        return f"ManagedModel({self.name}, device={self.device}, dtype={self.dtype})"
+
+
+# ----------------------------------------------------------------------------------------------- progress
+class Interrupted(Exception):
+    """Raised by the fallback progress hook when `request_interrupt` was called (tests use it)."""
+
+
+_interrupt_requested = False
+
+
+def request_interrupt(flag: bool = True) -> None:
+    """Fallback interrupt switch for scripts and tests (ComfyUI uses its own)."""
+    global _interrupt_requested
+    _interrupt_requested = flag
+
+
+def check_interrupt() -> None:
+    if HAVE_COMFY:
+        model_management.throw_exception_if_processing_interrupted()
+    elif _interrupt_requested:
+        raise Interrupted("interrupted by the user")
+
+
+class Progress:
+    """A progress bar over several phases: `phase(total)` returns a callback(step, total) for one loop.
+
+    The callback advances ComfyUI's ProgressBar and raises when the user pressed cancel, so a long loop stops
+    within one step.
+    """
+
+    def __init__(self, total: int):
+        self.total = max(int(total), 1)
+        self.done = 0
+        self.bar = comfy_utils.ProgressBar(self.total) if HAVE_COMFY else None
+
+    def phase(self, weight: int) -> Callable[[int, int], None]:
+        start = self.done
+        self.done += weight
+
+        def callback(step: int, total: int) -> None:
+            check_interrupt()
+            if self.bar is not None:
+                self.bar.update_absolute(start + int(weight * min(step + 1, total) / max(total, 1)), self.total)
+
+        return callback
+
+
+# ----------------------------------------------------------------------------------------------- native types
+@dataclass
+class _FallbackSplat:
+    """Same fields as comfy_api's Types.SPLAT, used when ComfyUI is absent."""
+
+    positions: torch.Tensor
+    scales: torch.Tensor
+    rotations: torch.Tensor
+    opacities: torch.Tensor
+    sh: torch.Tensor
+    counts: Optional[torch.Tensor] = None
+
+
+class _FallbackFile3D:
+    """Same interface as comfy_api's Types.File3D for an in-memory file."""
+
+    def __init__(self, source, file_format: str = ""):
+        self._source = source
+        self.format = file_format
+
+    def get_bytes(self) -> bytes:
+        if isinstance(self._source, (str, Path)):
+            return Path(self._source).read_bytes()
+        return self._source.getvalue()
+
+    def save_to(self, path: str) -> str:
+        Path(path).write_bytes(self.get_bytes())
+        return path
+
+
+def _comfy_types():
+    try:
+        from comfy_api.latest import Types  # type: ignore
+        return Types
+    except ImportError:
+        return None
+
+
+def make_splat(positions, scales, rotations, opacities, sh):
+    """ComfyUI's native SPLAT: positions (B,N,3), linear scales (B,N,3), wxyz rotations (B,N,4),
+    opacities (B,N,1) in [0,1], sh (B,N,K,3)."""
+    types = _comfy_types()
+    cls = types.SPLAT if types is not None and hasattr(types, "SPLAT") else _FallbackSplat
+    return cls(positions, scales, rotations, opacities, sh)
+
+
+def make_file3d(data: bytes, file_format: str = "ply"):
+    """ComfyUI's native File3D around in-memory bytes (FILE_3D_PLY when file_format is 'ply')."""
+    types = _comfy_types()
+    if types is not None and hasattr(types, "File3D"):
+        return types.File3D(io.BytesIO(data), file_format)
+    return _FallbackFile3D(io.BytesIO(data), file_format)
+
+
+def file3d_bytes(file3d) -> bytes:
+    """The bytes of a File3D, native or fallback."""
+    if hasattr(file3d, "get_bytes"):
+        return file3d.get_bytes()
+    source = getattr(file3d, "_source", None)
+    if isinstance(source, (str, Path)):
+        return Path(source).read_bytes()
+    return source.getvalue()
