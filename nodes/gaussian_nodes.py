@@ -1,0 +1,197 @@
+"""Stage 5 nodes: fit confidence-aware 3D Gaussians; render them along a camera path."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from reconx_core.errors import InputError
+from reconx_core.types import Gaussians, Scene
+
+from . import comfy_bridge as bridge
+from .convert import image_to_comfy, image_to_core
+
+log = logging.getLogger("reconx")
+CATEGORY = "ReconX"
+
+
+def gaussians_to_splat(gaussians: Gaussians):
+    """reconx_core Gaussians -> ComfyUI's native SPLAT (batch of one, activated values, same device)."""
+    from reconx_core.gaussians import to_activated
+
+    act = to_activated(gaussians)
+    return bridge.make_splat(act["means"][None], act["scales"][None], act["quats"][None],
+                             act["opacities"].reshape(1, -1, 1), act["sh"][None])
+
+
+def splat_to_gaussians(splat, index: int = 0) -> Gaussians:
+    """ComfyUI SPLAT (item `index` of the batch) -> reconx_core Gaussians (raw parameters)."""
+    for name in ("positions", "scales", "rotations", "opacities", "sh"):
+        if not isinstance(getattr(splat, name, None), torch.Tensor):
+            raise InputError(f"splat has no tensor '{name}'; connect a SPLAT output (e.g. ReconX Fit Gaussians)")
+    count = int(splat.counts[index]) if getattr(splat, "counts", None) is not None else splat.positions.shape[1]
+    opacity = splat.opacities[index, :count].reshape(-1).clamp(1e-6, 1 - 1e-6)
+    return Gaussians(means=splat.positions[index, :count].float(),
+                     quats=splat.rotations[index, :count].float(),
+                     log_scales=splat.scales[index, :count].float().clamp_min(1e-12).log(),
+                     opacity_logits=torch.logit(opacity.float()),
+                     sh=splat.sh[index, :count].float())
+
+
+def _gaussians_ply_bytes(gaussians: Gaussians) -> bytes:
+    from reconx_core.gaussians import save_ply
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gaussians.ply"
+        save_ply(gaussians, path)
+        return path.read_bytes()
+
+
+class ReconXFitGaussians:
+    DESCRIPTION = ("Fits 3D Gaussians to the frames with ReconX's confidence-aware loss "
+                   "Σ C·(0.8·L1 + 0.2·(1−SSIM) + 0.5·LPIPS), initialised from the scene's point maps, 1,000 steps, "
+                   "no densification by default. Outputs ComfyUI's SPLAT (for Render Splat / Splat To File3D) and a "
+                   "PLY for Preview Splat / Save Splat.")
+    CATEGORY = CATEGORY
+    FUNCTION = "fit"
+    RETURN_TYPES = ("SPLAT", "FILE_3D_PLY")
+    RETURN_NAMES = ("splat", "ply")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "scene": ("RECONX_SCENE", {"tooltip": "Cameras and initial points (ReconX DUSt3R Global Alignment)."}),
+                "steps": ("INT", {"default": 1000, "min": 1, "max": 30000, "step": 50,
+                                  "tooltip": "Optimisation steps (the paper uses 1,000)."}),
+                "l1_weight": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 10.0, "step": 0.05,
+                                        "tooltip": "Weight of the confidence-weighted L1 term."}),
+                "ssim_weight": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 10.0, "step": 0.05,
+                                          "tooltip": "Weight of the (1 - SSIM) term."}),
+                "lpips_weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05,
+                                           "tooltip": "Weight of LPIPS. Needs alexnet-owt-7be5be79.pth in models/reconx "
+                                                      "or the torch hub cache; 0 turns LPIPS off."}),
+                "sh_degree": ("INT", {"default": 3, "min": 0, "max": 3,
+                                      "tooltip": "Spherical-harmonics degree of the colours (0 = view-independent)."}),
+                "densify": ("BOOLEAN", {"default": False,
+                                        "tooltip": "Adaptive density control (clone/split/prune). ReconX keeps it off."}),
+                "max_points": ("INT", {"default": 300000, "min": 1000, "max": 5000000, "step": 1000,
+                                       "tooltip": "At most this many Gaussians are initialised from the point maps."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                                 "tooltip": "Seed of the point subsampling."}),
+            },
+            "optional": {
+                "frames": ("IMAGE", {"tooltip": "Frames to fit, one per scene camera; default: the scene's own images."}),
+                "confidence": ("MASK", {"tooltip": "Per-pixel weights in [0, 1], one per frame; default: uniform."}),
+            },
+        }
+
+    def fit(self, scene, steps=1000, l1_weight=0.8, ssim_weight=0.2, lpips_weight=0.5, sh_degree=3,
+            densify=False, max_points=300000, seed=0, frames=None, confidence=None):
+        from reconx_core.gaussians import fit_gaussians, init_from_scene
+
+        if not isinstance(scene, Scene):
+            raise InputError("scene must come from ReconX DUSt3R Global Alignment (RECONX_SCENE)")
+        device = scene.device
+        images = scene.images if frames is None else image_to_core(frames, "frames", device)
+        cameras = scene.cameras
+        if images.shape[0] != len(cameras):
+            raise InputError(f"{images.shape[0]} frames for {len(cameras)} scene cameras; give one frame per camera")
+        if tuple(images.shape[-2:]) != (cameras.height, cameras.width):
+            images = torch.nn.functional.interpolate(images, size=(cameras.height, cameras.width), mode="bilinear",
+                                                     antialias=True, align_corners=False)
+        conf = None
+        if confidence is not None:
+            conf = confidence.to(device).float()
+            if conf.ndim == 2:
+                conf = conf[None].expand(images.shape[0], -1, -1)
+            if conf.shape[0] != images.shape[0]:
+                raise InputError(f"{conf.shape[0]} confidence maps for {images.shape[0]} frames")
+            if tuple(conf.shape[-2:]) != (cameras.height, cameras.width):
+                conf = torch.nn.functional.interpolate(conf[:, None], size=(cameras.height, cameras.width),
+                                                       mode="bilinear", align_corners=False)[:, 0]
+        init = init_from_scene(scene, max_points=max_points, sh_degree=sh_degree, seed=seed)
+        progress = bridge.Progress(steps)
+        gaussians = fit_gaussians(images, cameras, conf=conf, init=init, steps=steps,
+                                  weights=(l1_weight, ssim_weight, lpips_weight), sh_degree=sh_degree,
+                                  densify=densify, seed=seed, callback=progress.phase(steps),
+                                  lpips_dirs=[str(p) for p in bridge.model_folders("reconx")])
+        log.info("fitted %d Gaussians in %d steps", len(gaussians), steps)
+        return (gaussians_to_splat(gaussians), bridge.make_file3d(_gaussians_ply_bytes(gaussians), "ply"))
+
+
+class ReconXRenderGaussians:
+    DESCRIPTION = ("Renders a SPLAT along a camera path — a smooth path through the scene's cameras, or an orbit "
+                   "around the scene — as an IMAGE batch (a video for ComfyUI's video nodes), with depth and alpha.")
+    CATEGORY = CATEGORY
+    FUNCTION = "render"
+    RETURN_TYPES = ("IMAGE", "IMAGE", "MASK")
+    RETURN_NAMES = ("frames", "depth", "alpha")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "splat": ("SPLAT", {"tooltip": "Gaussians, e.g. from ReconX Fit Gaussians."}),
+            "scene": ("RECONX_SCENE", {"tooltip": "The scene whose cameras define the path and the intrinsics."}),
+            "path": (["through cameras", "orbit"], {
+                "default": "through cameras",
+                "tooltip": "through cameras: a smooth path visiting every scene camera in order; orbit: a circle "
+                           "around the scene's centre at the cameras' mean distance and height."}),
+            "frames": ("INT", {"default": 48, "min": 1, "max": 1000, "tooltip": "Number of rendered frames."}),
+            "width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
+                              "tooltip": "Output width; 0 keeps the scene's."}),
+            "height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
+                               "tooltip": "Output height; 0 keeps the scene's."}),
+        }}
+
+    def render(self, splat, scene, path="through cameras", frames=48, width=0, height=0):
+        from reconx_core.camera_path import interpolate_cameras, orbit_cameras
+        from reconx_core.gaussians import render
+        from reconx_core.preview import depth_preview
+
+        if not isinstance(scene, Scene):
+            raise InputError("scene must be a RECONX_SCENE")
+        gaussians = splat_to_gaussians(splat).to(scene.device)
+        cameras = (interpolate_cameras(scene.cameras, frames) if path == "through cameras"
+                   else orbit_cameras(scene.cameras, frames, center=scene_center(scene)))
+        if width or height:
+            cameras = resize_cameras(cameras, width or cameras.width, height or cameras.height)
+        progress = bridge.Progress(frames)
+        step = progress.phase(frames)
+        rgb, depth, alpha = [], [], []
+        for i in range(frames):  # one frame at a time keeps memory flat for long paths
+            step(i, frames)
+            with torch.no_grad():
+                out = render(gaussians, cameras[i])
+            rgb.append(out.rgb)
+            depth.append(out.depth)
+            alpha.append(out.alpha)
+        rgb, depth, alpha = torch.cat(rgb), torch.cat(depth), torch.cat(alpha)
+        return (rgb.clamp(0, 1), depth_preview(depth.clamp_min(1e-6), alpha > 0.5), alpha.clamp(0, 1))
+
+
+def scene_center(scene: Scene) -> torch.Tensor:
+    """(3,) median of the confident points: a robust centre to orbit around."""
+    pts = scene.pts3d.reshape(-1, 3)
+    conf = scene.conf.reshape(-1)
+    keep = conf >= conf.median()
+    return pts[keep].median(dim=0).values
+
+
+def resize_cameras(cameras, width: int, height: int):
+    """The same cameras at another image size (intrinsics scaled per axis)."""
+    from reconx_core.types import Cameras
+
+    sx, sy = width / cameras.width, height / cameras.height
+    K = cameras.intrinsics.clone()
+    K[:, 0] *= sx
+    K[:, 1] *= sy
+    return Cameras(cameras.cam_to_world, K, width, height)
+
+
+NODE_CLASS_MAPPINGS = {"ReconXFitGaussians": ReconXFitGaussians, "ReconXRenderGaussians": ReconXRenderGaussians}
+NODE_DISPLAY_NAME_MAPPINGS = {"ReconXFitGaussians": "ReconX Fit Gaussians (confidence-aware 3DGS)",
+                              "ReconXRenderGaussians": "ReconX Render Gaussians"}
