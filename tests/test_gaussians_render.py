@@ -191,6 +191,7 @@ def test_projection_matches_gsplat_formulas():
 @pytest.mark.parametrize("tile_size", [8, 16])
 def test_render_matches_brute_force(tile_size):
     g = random_gaussians(300, seed=2, scale=0.06)
+    g.opacity_logits[:120] = 6.0   # opaque ones: exercises the 0.99 clamp and the transmittance stop
     cams = look_at_cameras(2, 40, 28)
     bg = torch.tensor([0.2, 0.4, 0.9])
     ours = render(g, cams, backend="torch", background=bg, tile_size=tile_size, chunk_elems=1 << 14)
@@ -205,6 +206,7 @@ def test_render_matches_brute_force(tile_size):
 def test_render_gradients_match_brute_force():
     torch.manual_seed(0)
     base = random_gaussians(60, seed=3, scale=0.08, sh_degree=1)
+    base.opacity_logits[:10] = 6.0
     cams = look_at_cameras(1, 24, 20)
     weights = torch.rand(1, 20, 24, 3)
     grads = []
