@@ -62,8 +62,16 @@ class FourierEmbedding(nn.Module):
 
     def __init__(self, dim: int, num_freqs: int = 8):
         super().__init__()
-        self.register_buffer("freqs", (2.0 ** torch.arange(num_freqs)) * math.pi, persistent=False)
+        self.num_freqs = num_freqs
+        self.register_buffer("freqs", self._bands(), persistent=False)
         self.proj = nn.Linear(3 + 6 * num_freqs, dim)
+
+    def _bands(self, device=None) -> torch.Tensor:
+        return (2.0 ** torch.arange(self.num_freqs, device=device)) * math.pi
+
+    def reset_buffers(self, device="cpu") -> None:
+        """Recreate the frequency bands (not stored in checkpoints), e.g. after a meta build."""
+        self.freqs = self._bands(device)
 
     def forward(self, xyz: torch.Tensor) -> torch.Tensor:
         angles = (xyz[..., None] * self.freqs.to(xyz.dtype)).flatten(-2)

@@ -1,0 +1,220 @@
+"""DynamiCrafter checkpoints: the official key layout, `load_video_model`, and the ReconX structure-branch file.
+
+Official layout (LatentVisualDiffusion.state_dict, see shared/fixtures dynamicrafter512_interp_manifest.json):
+    model.diffusion_model.*  -> VideoModel.unet           (same names)
+    first_stage_model.*      -> VideoModel.vae            (LDM names -> diffusers, vae.ldm_to_diffusers_key)
+    cond_stage_model.model.* -> VideoModel.text_encoder   (open_clip 2.22 names)
+    embedder.model.visual.*  -> VideoModel.image_encoder.visual
+    image_proj_model.*       -> VideoModel.image_proj     (same names)
+    13 schedule buffers without prefix (checked against our schedule, not loaded)
+plus tensors nothing reads (UNUSED_KEYS). The structure branch (to_k_struct, to_v_struct, alpha_struct in the
+UNet, and the point-cloud encoder) is never in these files; it comes from an optional safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import CheckpointError
+from ..structure import PointCloudEncoder
+from .model import OFFICIAL_512_INTERP, VideoModel, build_video_model
+from .vae import ldm_to_diffusers_key
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_KEYS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                 "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                 "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                 "posterior_mean_coef1", "posterior_mean_coef2", "scale_arr", "lvlb_weights", "scale_factor"}
+# In the checkpoint but read by no computation of the interpolation model: CLIP's contrastive heads, the visual
+# ln_post/proj (DynamiCrafter takes the last block's tokens), and the text tower copy left inside `embedder`.
+_UNUSED = re.compile(r"(cond_stage_model\.model\.(text_projection|logit_scale)"
+                     r"|embedder\.model\.(positional_embedding|text_projection|logit_scale|token_embedding\.weight"
+                     r"|ln_final\.(weight|bias)|visual\.proj|visual\.ln_post\.(weight|bias)))")
+STRUCTURE_FORMAT = "reconx-structure-branch"
+
+
+def is_unused_key(key: str) -> bool:
+    """True for official keys that the interpolation never reads (see _UNUSED) or that are schedule buffers."""
+    return key in SCHEDULE_KEYS or _UNUSED.fullmatch(key) is not None
+
+
+def official_to_internal(key: str, vae_levels: int = 4) -> Optional[str]:
+    """Map one official state_dict key to the VideoModel key; None for unused / schedule keys.
+
+    Raises CheckpointError for a key of no known layout.
+    """
+    if is_unused_key(key):
+        return None
+    for prefix, target in (("model.diffusion_model.", "unet."), ("image_proj_model.", "image_proj."),
+                           ("cond_stage_model.model.", "text_encoder."),
+                           ("embedder.model.visual.", "image_encoder.visual.")):
+        if key.startswith(prefix):
+            return target + key[len(prefix):]
+    if key.startswith("first_stage_model."):
+        return "vae." + ldm_to_diffusers_key(key[len("first_stage_model."):], vae_levels)
+    raise CheckpointError(f"unknown checkpoint key {key!r}: not a DynamiCrafter (LatentVisualDiffusion) layout")
+
+
+def read_state_dict(path: Union[str, Path]) -> dict:
+    """All tensors of a DynamiCrafter checkpoint, on the CPU, with the official key names.
+
+    .safetensors via safetensors; .ckpt/.pt/.pth via torch.load(weights_only=True), accepting a Lightning
+    {'state_dict': ...}, a DeepSpeed {'module': {'_forward_module.' + key: ...}} or a bare dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; put DynamiCrafter_512_Interp's model.ckpt in models/reconx")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    if path.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
+        raise CheckpointError(f"{path.name}: expected a .ckpt, .pth or .safetensors file")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # unpickling errors come in many types; all mean the same to the user
+        raise CheckpointError(
+            f"{path.name} could not be read as plain tensors ({type(err).__name__}: {str(err)[:200]}). "
+            "Only weights-only pickles are loaded, for safety; convert the file to .safetensors with a trusted "
+            "tool and load that instead") from None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and "module" in obj:
+        obj = {k[len("_forward_module."):] if k.startswith("_forward_module.") else k: v
+               for k, v in obj["module"].items()}
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path.name} holds no state dict of tensors")
+    return obj
+
+
+def _check_schedule(state: dict, model: VideoModel) -> None:
+    if "alphas_cumprod" in state:
+        ours = model.schedule.alphas_cumprod
+        theirs = state["alphas_cumprod"].float()
+        if theirs.shape != ours.shape or (theirs - ours).abs().max() > 1e-5:
+            raise CheckpointError("the checkpoint's noise schedule differs from DynamiCrafter 512 interp's "
+                                  "(zero-terminal-SNR v-prediction); is this another DynamiCrafter variant?")
+
+
+def load_official_state_dict(model: VideoModel, state: dict, assign: bool = False) -> None:
+    """Load an official-layout state dict into `model`; structure-branch tensors may be absent, nothing else."""
+    levels = len(model.vae.config.block_out_channels)
+    target = model.state_dict()
+    internal = {}
+    for key, value in state.items():
+        name = official_to_internal(key, levels)
+        if name is None:
+            continue
+        if name not in target:
+            raise CheckpointError(f"checkpoint key {key!r} has no place in this model configuration")
+        want = target[name].shape
+        if value.dim() == 4 and len(want) == 2:
+            value = value[:, :, 0, 0]  # LDM VAE attention 1x1 conv -> Linear
+        if value.shape != want:
+            raise CheckpointError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(want)}; "
+                                  "the checkpoint is not DynamiCrafter 512 interp")
+        internal[name] = value
+    optional = {k for k in target if "_struct" in k or k.startswith("structure_encoder.")}
+    missing = sorted(set(target) - set(internal) - optional)
+    if missing:
+        prefixes = sorted({m.split(".")[0] for m in missing})
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors of {prefixes} (e.g. {missing[:3]}); "
+                              "use the full DynamiCrafter_512_Interp checkpoint")
+    _check_schedule(state, model)
+    model.load_state_dict(internal, strict=False, assign=assign)
+
+
+def _init_structure_params(model: VideoModel, device) -> None:
+    """Give branch parameters still on the meta device real values: default Linear init, alpha_struct = 0."""
+    for module_name, module in model.unet.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
+            data = torch.empty(param.shape, device=device)
+            if name == "alpha_struct":
+                data.zero_()
+            else:
+                torch.nn.init.kaiming_uniform_(data, a=math.sqrt(5))
+            setattr(module, name, torch.nn.Parameter(data, requires_grad=param.requires_grad))
+
+
+def load_video_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                     dtype: Optional[torch.dtype] = None, structure_path: Optional[Union[str, Path]] = None,
+                     config: Optional[dict] = None, offload: bool = False) -> VideoModel:
+    """Load a whole DynamiCrafter checkpoint (UNet, VAE, CLIP towers, Resampler) into a VideoModel.
+
+    path: model.ckpt (weights-only pickle) or a .safetensors with the same keys (e.g. a bf16 variant).
+    dtype: None keeps float32; torch.float16 / torch.bfloat16 halve memory (GroupNorms and the Resampler
+    softmax still compute in float32). structure_path: optional ReconX structure-branch safetensors.
+    offload: keep weights on the CPU and move each network to `device` only while it runs.
+    The networks are built on the meta device and take the checkpoint's tensors directly (no second copy).
+    """
+    state = read_state_dict(path)
+    model = build_video_model(config or OFFICIAL_512_INTERP, device="meta")
+    load_official_state_dict(model, state, assign=True)
+    del state
+    _init_structure_params(model, "cpu")
+    model.reset_buffers()
+    model.to(torch.float32 if dtype is None else dtype)
+    if structure_path is not None:
+        load_structure_branch(model, structure_path)
+    model.place(device, offload=offload)
+    log.info("loaded DynamiCrafter from %s (%s, %s)", Path(path).name, device, model.dtype)
+    return model
+
+
+def save_structure_branch(model: VideoModel, path: Union[str, Path]) -> None:
+    """Write the point-cloud encoder and the UNet's branch tensors to a safetensors file.
+
+    Keys: `structure_encoder.*` and `unet.*_struct*`; metadata holds the encoder config as JSON.
+    """
+    if model.structure_encoder is None:
+        raise CheckpointError("the model has no structure encoder to save; attach one first")
+    tensors = {f"structure_encoder.{k}": v for k, v in model.structure_encoder.state_dict().items()}
+    tensors.update({f"unet.{k}": v for k, v in model.unet.state_dict().items() if "_struct" in k})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"format": STRUCTURE_FORMAT, "encoder_config": json.dumps(model.structure_encoder.config)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_structure_branch(model: VideoModel, path: Union[str, Path]) -> VideoModel:
+    """Attach the point-cloud encoder and set the UNet's branch tensors from `save_structure_branch`'s file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"structure-branch file {path} not found")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != STRUCTURE_FORMAT:
+        raise CheckpointError(f"{path.name} is not a ReconX structure-branch file (metadata format missing)")
+    config = json.loads(meta["encoder_config"])
+    encoder = PointCloudEncoder(**config)
+    enc_state = {k[len("structure_encoder."):]: v for k, v in tensors.items() if k.startswith("structure_encoder.")}
+    unet_state = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
+    expected = set(model.unet.structure_parameter_names())
+    if set(unet_state) != expected:
+        raise CheckpointError(f"{path.name} does not fit this UNet: {len(set(unet_state) ^ expected)} branch "
+                              "tensors differ (was it trained for another model size?)")
+    try:
+        encoder.load_state_dict(enc_state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path.name}: encoder weights do not match its config ({str(err)[:200]})") from None
+    dtype, device = model.dtype, next(model.unet.parameters()).device
+    params = dict(model.unet.named_parameters())
+    with torch.no_grad():
+        for name, value in unet_state.items():
+            if params[name].shape != value.shape:
+                raise CheckpointError(f"{path.name}: {name} has shape {tuple(value.shape)}, "
+                                      f"the UNet needs {tuple(params[name].shape)}")
+            params[name].copy_(value)
+    model.structure_encoder = encoder.to(device=device, dtype=dtype).eval()
+    return model
