@@ -193,7 +193,8 @@ def test_dpt_alias_variants_and_missing_dec_blocks2(tiny):
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_public_checkpoint_layouts_build_on_meta(name):
     man = load_json(f"dust3r_manifest_DUSt3R_ViTLarge_BaseDecoder_{name}.json")
-    sd = {k: torch.empty(shape, dtype=getattr(torch, dt), device="meta") for k, (shape, dt) in man["state_dict"].items()}
+    sd = {k: torch.empty(shape, dtype=getattr(torch, dt), device="meta")
+          for k, (shape, dt) in man["state_dict"].items()}
     model = load_dust3r(sd, device="meta")
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert ours == {k: shape for k, (shape, _) in man["state_dict"].items()}

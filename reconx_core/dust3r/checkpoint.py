@@ -247,7 +247,8 @@ def load_dust3r(path_or_state_dict, device="cpu", dtype: Optional[torch.dtype] =
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"{hints['name']} does not match the DUSt3R architecture read from it "
-            f"({cfg.head_type} head, enc {cfg.enc_embed_dim}x{cfg.enc_depth}, dec {cfg.dec_embed_dim}x{cfg.dec_depth}): "
+            f"({cfg.head_type} head, enc {cfg.enc_embed_dim}x{cfg.enc_depth}, "
+            f"dec {cfg.dec_embed_dim}x{cfg.dec_depth}): "
             f"{len(missing)} missing keys {missing[:6]}, {len(unexpected)} unexpected keys {unexpected[:6]}, "
             f"{len(wrong)} shape mismatches {wrong[:4]}. The file may be from another model or a newer format")
     if meta:

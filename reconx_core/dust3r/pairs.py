@@ -120,7 +120,8 @@ def infer_pairs(model: Dust3R, images: torch.Tensor, graph: Union[str, torch.Ten
     N, _, H, W = images.shape
     if isinstance(graph, torch.Tensor):
         edges = graph.to(torch.long).reshape(-1, 2)
-        if edges.numel() == 0 or int(edges.min()) < 0 or int(edges.max()) >= N or bool((edges[:, 0] == edges[:, 1]).any()):
+        bad = edges.numel() == 0 or int(edges.min()) < 0 or int(edges.max()) >= N
+        if bad or bool((edges[:, 0] == edges[:, 1]).any()):
             raise InputError(f"edges must be pairs of distinct view indices in [0, {N}), got {edges.tolist()[:6]}...")
     else:
         edges = make_pair_edges(N, graph)
