@@ -35,7 +35,8 @@ class TileLayout:
     chunks: list of (tile_ids (T,) long, k (int)), each chunk's tiles and their common padded list length.
     """
 
-    def __init__(self, means2d, radii, depths, visible, width, height, tile_size=8, chunk_elems=1 << 22):
+    def __init__(self, means2d, radii, depths, visible, width, height, tile_size=8, chunk_elems=1 << 22,
+                 pad_ratio=0.7):
         self.width, self.height, self.tile_size = width, height, tile_size
         self.tiles_x, self.tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
         n_tiles = self.tiles_x * self.tiles_y
@@ -79,6 +80,8 @@ class TileLayout:
             while i < n_tiles and lengths[i] > 0:
                 k = lengths[i]
                 n = max(1, min(n_tiles - i, chunk_elems // max(1, k * px)))
+                # End the chunk early where lists get much shorter, so that padding stays under ~1/3.
+                n = max(1, min(n, sum(1 for L in lengths[i:i + n] if L >= pad_ratio * k)))
                 self.chunks.append((by_len[i:i + n], k))
                 i += n
             self.empty_tiles = by_len[i:]

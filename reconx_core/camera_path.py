@@ -1,0 +1,144 @@
+"""Camera paths for rendering Gaussians: a smooth path through given cameras, and an orbit around the scene.
+
+Rotations are interpolated by quaternion slerp (constant angular speed, shortest arc); positions either linearly
+or by a Catmull-Rom spline through the camera centres (C1-smooth, passes through every camera). Intrinsics are
+interpolated linearly. Poses are OpenCV camera-to-world (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .errors import InputError
+from .types import Cameras
+
+
+def rotmat_to_quat(R: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) rotation matrices -> (N, 4) unit wxyz quaternions with w >= 0 (Shepperd's method)."""
+    m = R.reshape(-1, 3, 3).double()
+    tr = m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2]
+    cand = torch.stack([
+        torch.stack([1 + tr, m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1]], -1),
+        torch.stack([m[:, 2, 1] - m[:, 1, 2], 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2], m[:, 0, 1] + m[:, 1, 0],
+                     m[:, 0, 2] + m[:, 2, 0]], -1),
+        torch.stack([m[:, 0, 2] - m[:, 2, 0], m[:, 0, 1] + m[:, 1, 0], 1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2],
+                     m[:, 1, 2] + m[:, 2, 1]], -1),
+        torch.stack([m[:, 1, 0] - m[:, 0, 1], m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1],
+                     1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], -1)], 1)       # (N, 4 candidates, 4)
+    # Use the candidate built on the largest diagonal term: numerically the best conditioned.
+    best = torch.stack([tr, m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]], -1).argmax(-1)
+    q = torch.nn.functional.normalize(cand[torch.arange(len(m)), best], dim=-1)
+    q = torch.where(q[:, :1] < 0, -q, q)
+    return q.to(R.dtype)
+
+
+def quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
+    """(N, 4) wxyz -> (N, 3, 3)."""
+    w, x, y, z = torch.nn.functional.normalize(q, dim=-1).unbind(-1)
+    return torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).reshape(-1, 3, 3)
+
+
+def slerp(q0: torch.Tensor, q1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Shortest-arc spherical interpolation. q0, q1: (N, 4) unit wxyz; t: (N,) in [0, 1]. Returns (N, 4)."""
+    dot = (q0 * q1).sum(-1, keepdim=True)
+    q1 = torch.where(dot < 0, -q1, q1)
+    dot = dot.abs().clamp(max=1.0)
+    theta = torch.acos(dot)
+    s = torch.sin(theta)
+    t = t[:, None]
+    near = s < 1e-6                                      # almost equal: linear is exact enough and stable
+    w0 = torch.where(near, 1 - t, torch.sin((1 - t) * theta) / s.clamp_min(1e-12))
+    w1 = torch.where(near, t, torch.sin(t * theta) / s.clamp_min(1e-12))
+    return torch.nn.functional.normalize(w0 * q0 + w1 * q1, dim=-1)
+
+
+def _catmull_rom(p: torch.Tensor, seg: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Uniform Catmull-Rom through points p (K, 3) at segment seg (M,) long, local t (M,); ends are mirrored."""
+    K = p.shape[0]
+    ext = torch.cat([2 * p[:1] - p[1:2], p, 2 * p[-1:] - p[-2:-1]], 0) if K > 1 else p.repeat(3, 1)
+    p0, p1, p2, p3 = ext[seg], ext[seg + 1], ext[seg + 2], ext[seg + 3]
+    t = t[:, None]
+    return 0.5 * ((2 * p1) + (-p0 + p2) * t + (2 * p0 - 5 * p1 + 4 * p2 - p3) * t * t
+                  + (-p0 + 3 * p1 - 3 * p2 + p3) * t * t * t)
+
+
+def interpolate_cameras(cameras: Cameras, frames: int, positions: str = "spline") -> Cameras:
+    """A path of `frames` cameras visiting the given cameras in order (first and last frames are exactly them).
+
+    cameras: K >= 1 cameras (c2w (K, 4, 4), intrinsics (K, 3, 3)).  frames: >= 1 output cameras.
+    positions: "spline" (Catmull-Rom through the centres) or "linear".  Rotations are slerped per segment.
+    Returns Cameras of length `frames`, same image size; camera k of the input is frame round(k (frames-1)/(K-1)).
+    """
+    if frames < 1:
+        raise InputError(f"frames must be >= 1, got {frames}")
+    if positions not in ("spline", "linear"):
+        raise InputError(f"positions must be 'spline' or 'linear', got {positions!r}")
+    K = len(cameras)
+    c2w, intr = cameras.cam_to_world, cameras.intrinsics
+    if K == 1 or frames == 1:
+        idx = torch.zeros(frames, dtype=torch.long, device=c2w.device)
+        return Cameras(c2w[idx], intr[idx], cameras.width, cameras.height)
+    s = torch.linspace(0, K - 1, frames, dtype=torch.float64, device=c2w.device)
+    seg = s.floor().long().clamp(max=K - 2)
+    t = (s - seg).to(c2w.dtype)
+    q = rotmat_to_quat(c2w[:, :3, :3])
+    R = quat_to_rotmat(slerp(q[seg], q[seg + 1], t))
+    centres = c2w[:, :3, 3]
+    if positions == "spline":
+        pos = _catmull_rom(centres, seg, t)
+    else:
+        pos = centres[seg] + t[:, None] * (centres[seg + 1] - centres[seg])
+    out = torch.eye(4, dtype=c2w.dtype, device=c2w.device).repeat(frames, 1, 1)
+    out[:, :3, :3], out[:, :3, 3] = R, pos
+    K_out = intr[seg] + t[:, None, None] * (intr[seg + 1] - intr[seg])
+    return Cameras(out, K_out, cameras.width, cameras.height)
+
+
+def orbit_cameras(cameras: Cameras, frames: int, center: Optional[torch.Tensor] = None,
+                  radius: Optional[float] = None, turns: float = 1.0) -> Cameras:
+    """`frames` cameras on a circle around `center`, all looking at it, starting at the first camera.
+
+    The circle lies in the plane through the first camera's position perpendicular to the cameras' mean "up"
+    (-y axis of OpenCV cameras); its radius is that camera's distance from the axis unless given. Intrinsics and
+    image size are the first camera's. center: (3,) world point (default: the point the cameras look at most
+    closely, least squares over their optical axes).
+    """
+    if frames < 1:
+        raise InputError(f"frames must be >= 1, got {frames}")
+    c2w = cameras.cam_to_world
+    dt = c2w.dtype
+    if center is None:
+        center = _closest_point_to_axes(c2w[:, :3, 3], c2w[:, :3, 2])
+    center = torch.as_tensor(center, dtype=dt, device=c2w.device).reshape(3)
+    up = torch.nn.functional.normalize(-c2w[:, :3, 1].mean(0), dim=0)   # world direction of image "up"
+    start = c2w[0, :3, 3] - center
+    height = (start @ up) * up
+    radial = start - height
+    r = float(radial.norm()) if radius is None else float(radius)
+    if r < 1e-9:
+        raise InputError("the first camera sits on the orbit axis; pass a radius or a different center")
+    e1 = radial / radial.norm()
+    e2 = torch.linalg.cross(up, e1)
+    angles = torch.arange(frames, dtype=dt, device=c2w.device) * (2 * math.pi * turns / frames)
+    eyes = center + height + r * (torch.cos(angles)[:, None] * e1 + torch.sin(angles)[:, None] * e2)
+    fwd = torch.nn.functional.normalize(center - eyes, dim=-1)
+    right = torch.nn.functional.normalize(torch.linalg.cross(fwd, up.expand_as(fwd), dim=-1), dim=-1)
+    down = torch.linalg.cross(fwd, right, dim=-1)
+    out = torch.eye(4, dtype=dt, device=c2w.device).repeat(frames, 1, 1)
+    out[:, :3, 0], out[:, :3, 1], out[:, :3, 2], out[:, :3, 3] = right, down, fwd, eyes
+    return Cameras(out, cameras.intrinsics[:1].expand(frames, 3, 3).clone(), cameras.width, cameras.height)
+
+
+def _closest_point_to_axes(origins: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """Least-squares point nearest to the lines origins + s dirs (K, 3); the mean origin + forward when parallel."""
+    d = torch.nn.functional.normalize(dirs, dim=-1)
+    P = torch.eye(3, dtype=d.dtype, device=d.device) - d[:, :, None] * d[:, None, :]
+    A, b = P.sum(0), (P @ origins[:, :, None]).sum(0)[:, 0]
+    if torch.linalg.matrix_rank(A) < 3:
+        return origins.mean(0) + d.mean(0)
+    return torch.linalg.solve(A, b)

@@ -1,0 +1,96 @@
+"""Photometric losses of the fit: per-pixel L1 and SSIM maps, a spatial LPIPS map, and the LPIPS loader.
+
+SSIM comes from kornia (always present under ComfyUI): `kornia.metrics.ssim` with an 11x11 Gaussian window
+(sigma 1.5), the 3DGS setting, returns the per-pixel map that the confidence weights.
+LPIPS comes from the `lpips` package with spatial=True (a per-pixel map, upsampled to the image size), so the
+confidence weights it per pixel like the other two terms. Its torchvision backbone is never downloaded: we look
+for the exact file in the torch hub cache and the caller's folders and load it with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..errors import ResourceError
+
+log = logging.getLogger(__name__)
+
+LPIPS_BACKBONES = {
+    "alex": ("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+    "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
+}
+
+
+def ssim_map(pred: torch.Tensor, target: torch.Tensor, window_size: int = 11) -> torch.Tensor:
+    """Per-pixel SSIM. pred, target: (N, 3, H, W) in [0, 1]. Returns (N, H, W), mean over channels."""
+    import kornia  # part of ComfyUI's requirements and ours; imported here so the renderer does not need it
+
+    return kornia.metrics.ssim(pred, target, window_size, max_val=1.0).mean(1)
+
+
+def lpips_search_dirs(extra_dirs: Iterable = ()) -> list:
+    """Folders searched for the LPIPS backbone: $TORCH_HOME/hub/checkpoints first, then `extra_dirs`."""
+    return [Path(torch.hub.get_dir()) / "checkpoints"] + [Path(d) for d in extra_dirs]
+
+
+def load_lpips(net: str = "alex", extra_dirs: Iterable = (), device="cpu", pnet_rand: bool = False):
+    """An LPIPS module that returns a per-pixel map: module(pred, target) -> (N, 1, H, W), inputs in [0, 1].
+
+    net: "alex" (fast, the default) or "vgg".
+    extra_dirs: more folders holding the torchvision backbone file (the node passes ComfyUI's models/reconx).
+    pnet_rand: random backbone, no file needed. Not a perceptual metric: for tests of the plumbing only.
+    Raises ResourceError naming the file, the folders and the URL when the backbone is not found.
+    """
+    if net not in LPIPS_BACKBONES:
+        raise ResourceError(f"unknown LPIPS network {net!r}; use 'alex' or 'vgg'")
+    try:
+        import lpips
+    except Exception as exc:
+        raise ResourceError(f"the lpips package is unavailable ({exc}); pip install lpips, or set the LPIPS "
+                            "weight to 0") from None
+    fname, url = LPIPS_BACKBONES[net]
+    state = None
+    if not pnet_rand:
+        dirs = lpips_search_dirs(extra_dirs)
+        found = next((d / fname for d in dirs if (d / fname).is_file()), None)
+        if found is None:
+            raise ResourceError(
+                f"LPIPS needs the torchvision backbone {fname}, which is in none of: "
+                f"{', '.join(str(d) for d in dirs)}. Download {url} into one of them, or set the LPIPS weight "
+                "(lpips_weight, the third loss weight) to 0 to fit without LPIPS.")
+        state = torch.load(found, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation notices from inside lpips
+        model = lpips.LPIPS(net=net, pnet_rand=True, spatial=True, verbose=False)
+    if state is not None:
+        # lpips splits torchvision's `features` into slices but keeps the layer indices: sliceK.<i>.w -> features.<i>.w
+        own = {}
+        for name, _ in model.net.named_parameters():
+            key = "features." + name.split(".", 1)[1]
+            if key not in state:
+                raise ResourceError(f"{fname} does not look like torchvision's {net} weights (no {key}); "
+                                    f"download it again from {url}")
+            own[name] = state[key]
+        model.net.load_state_dict(own, strict=True)
+        log.info("LPIPS %s backbone loaded from %s", net, found)
+    model = model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return _LpipsMap(model)
+
+
+class _LpipsMap(torch.nn.Module):
+    """Wraps lpips.LPIPS(spatial=True): inputs (N, 3, H, W) in [0, 1] -> (N, H, W) distance map."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.model(pred, target, normalize=True)[:, 0]
