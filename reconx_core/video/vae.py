@@ -73,6 +73,38 @@ def ldm_to_diffusers_key(key: str, levels: int = 4) -> str:
     raise CheckpointError(f"unknown VAE key {key!r}: not the LDM AutoencoderKL layout of DynamiCrafter")
 
 
+def diffusers_to_ldm_key(key: str, levels: int = 4) -> str:
+    """Inverse of `ldm_to_diffusers_key`: a diffusers AutoencoderKL key -> the LDM (official) key."""
+    inv_resnet = {v: k for k, v in _RESNET.items()}
+    inv_attn = {v: k for k, v in _ATTN.items()}
+    m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(weight|bias)", key)
+    if m:
+        part, kind, i, j, layer, p = m.groups()
+        i = int(i) if kind == "down" else levels - 1 - int(i)
+        return f"{part}.{kind}.{i}.block.{j}.{inv_resnet[layer]}.{p}"
+    m = re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.conv\.(weight|bias)", key)
+    if m:
+        part, kind, i, sampler, p = m.groups()
+        i = int(i) if kind == "down" else levels - 1 - int(i)
+        return f"{part}.{kind}.{i}.{sampler}sample.conv.{p}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(\w+)\.(weight|bias)", key)
+    if m:
+        part, n, layer, p = m.groups()
+        return f"{part}.mid.block_{int(n) + 1}.{inv_resnet[layer]}.{p}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)",
+                     key)
+    if m:
+        part, layer, p = m.groups()
+        return f"{part}.mid.attn_1.{inv_attn[layer]}.{p}"
+    m = re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out|conv_norm_out)\.(weight|bias)", key)
+    if m:
+        part, layer, p = m.groups()
+        return f"{part}.{'norm_out' if layer == 'conv_norm_out' else layer}.{p}"
+    if re.fullmatch(r"(quant_conv|post_quant_conv)\.(weight|bias)", key):
+        return key
+    raise CheckpointError(f"unknown diffusers VAE key {key!r}")
+
+
 def convert_ldm_vae_state_dict(state: dict, vae: AutoencoderKL) -> dict:
     """LDM VAE state dict -> diffusers names and shapes for `vae` (attention 1x1 conv weights become Linear)."""
     levels = len(vae.config.block_out_channels)
