@@ -35,15 +35,14 @@ _PATTERN = regex.compile(r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|
 
 @lru_cache()
 def _byte_alphabet() -> dict:
-    """Reversible byte -> printable unicode character map of GPT-2/CLIP BPE (avoids whitespace/control chars)."""
+    """Reversible byte -> printable unicode character map of GPT-2/CLIP BPE (avoids whitespace/control chars).
+
+    Insertion order matters: the vocabulary lists the printable bytes first, then the remapped ones.
+    """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
+    table = {b: chr(b) for b in printable}
+    remapped = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + n) for n, b in enumerate(remapped)})
     return table
 
 
