@@ -80,11 +80,17 @@ class ReconXDust3rAlign:
                                                     "the point cloud (confidence >= 1)."}),
             "batch_size": ("INT", {"default": 8, "min": 1, "max": 64,
                                    "tooltip": "Pairs per network forward; lower it if the GPU runs out of memory."}),
+            "clean_point_cloud": ("BOOLEAN", {
+                "default": True,
+                "tooltip": "Drop points that another view sees in front of its own, more confident surface "
+                           "(DUSt3R's clean-up of floaters between views)."}),
         }}
 
     def align(self, images, dust3r, scene_graph="complete", iterations=300, learning_rate=0.01,
-              schedule="cosine", min_confidence=3.0, batch_size=8):
-        from reconx_core.align import align_views
+              schedule="cosine", min_confidence=3.0, batch_size=8, clean_point_cloud=True):
+        import dataclasses
+
+        from reconx_core.align import align_views, clean_scene, confidence_masks
         from reconx_core.dust3r import infer_pairs, make_pair_edges, prepare_images
         from reconx_core.export import point_cloud_ply_bytes
         from reconx_core.preview import depth_preview
@@ -106,7 +112,11 @@ class ReconXDust3rAlign:
         pairs = pairs.to(dust3r.device, torch.float32)
         scene = align_views(pairs, niter=iterations, lr=learning_rate, schedule=schedule,
                             min_conf_thr=min_confidence, callback=progress.phase(max(iterations, 1)))
-        valid = scene.conf > min_confidence
+        if clean_point_cloud:
+            scene = clean_scene(scene)
+        # Later stages (point-cloud encoding, Gaussian init) filter with the same threshold.
+        scene = dataclasses.replace(scene, info=dict(scene.info, min_conf_thr=float(min_confidence)))
+        valid = confidence_masks(scene.conf, min_confidence)
         colours = scene.images.permute(0, 2, 3, 1)
         ply = point_cloud_ply_bytes(scene.pts3d[valid], colours[valid])
         log.info("aligned %d views (%d pairs): loss %.5f, %d points", len(scene), n_pairs,

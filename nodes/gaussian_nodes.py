@@ -113,7 +113,8 @@ class ReconXFitGaussians:
             if tuple(conf.shape[-2:]) != (cameras.height, cameras.width):
                 conf = torch.nn.functional.interpolate(conf[:, None], size=(cameras.height, cameras.width),
                                                        mode="bilinear", align_corners=False)[:, 0]
-        init = init_from_scene(scene, max_points=max_points, sh_degree=sh_degree, seed=seed)
+        init = init_from_scene(scene, max_points=max_points, min_conf=scene.info.get("min_conf_thr"),
+                               sh_degree=sh_degree, seed=seed)
         progress = bridge.Progress(steps)
         gaussians = fit_gaussians(images, cameras, conf=conf, init=init, steps=steps,
                                   weights=(l1_weight, ssim_weight, lpips_weight), sh_degree=sh_degree,
