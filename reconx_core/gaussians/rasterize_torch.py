@@ -8,6 +8,8 @@ transmittance to <= 1e-4 is not blended) as in gsplat.
 How it is organised, and why:
 - Pairing: every visible Gaussian is listed once per screen tile its opacity-aware box touches, in depth order
   (one global sort). Outside that box alpha < 1/255, so tiling changes nothing but the cost.
+- Per pair, sigma - log(opacity) is a quadratic in the pixel offset, evaluated for a whole chunk by one matrix
+  product (and its gradient by another), which leaves few elementwise passes per pair-pixel.
 - Tiles are processed in chunks padded to the chunk's longest list (tiles sorted by list length, so padding is
   small); a chunk is a dense (tiles, gaussians, pixels) block, so the work is a few large vectorised ops. The
   sequential transmittance becomes an exclusive cumulative product, computed as exp(cumsum(log1p(-alpha))).
@@ -92,6 +94,11 @@ class TileLayout:
                                    indexing="ij")
             self.pix = torch.stack([(tx[:, None] * tile_size + i2.reshape(1, -1)),
                                     (ty[:, None] * tile_size + j.reshape(1, -1))], dim=-1).to(means2d.dtype)
+            # Offsets are taken from each tile's centre: small numbers keep the expanded quadratic form accurate.
+            half = (tile_size - 1) / 2.0
+            self.centre = torch.stack([tx * tile_size + half, ty * tile_size + half], -1).to(means2d.dtype)
+            li, lj = (i2.reshape(-1) - half).to(means2d.dtype), (j.reshape(-1) - half).to(means2d.dtype)
+            self.basis = torch.stack([torch.ones_like(li), li, lj, li * li, li * lj, lj * lj])   # (6, P)
 
 
 def _pad(t: torch.Tensor) -> torch.Tensor:
@@ -100,24 +107,30 @@ def _pad(t: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_terms(layout, tiles, k, m2, con, op):
-    """Per-(tile, gaussian, pixel) quantities of one chunk; shapes (T, k, P)."""
+    """Per-(tile, gaussian, pixel) quantities of one chunk; (T, k, P) unless noted.
+
+    sigma - log(opacity) is a quadratic polynomial in the pixel's offset (i, j) from the tile centre, so it is one
+    matrix product of per-pair coefficients (T, k, 6) with the shared basis (1, i, j, i^2, ij, j^2); this replaces
+    a dozen elementwise passes. gsplat's sigma < 0 test is dropped: the conic is positive definite (eps2d > 0).
+    """
     g = layout.pair_index[tiles, :k]                                  # (T, k)
-    pix = layout.pix[tiles]                                           # (T, P, 2)
-    m, c, o = m2[g], con[g], op[g]
-    dx = m[..., 0, None] - pix[:, None, :, 0]
-    dy = m[..., 1, None] - pix[:, None, :, 1]
-    sigma = 0.5 * (c[..., 0, None] * dx * dx + c[..., 2, None] * dy * dy) + c[..., 1, None] * dx * dy
-    vis = torch.exp(-sigma)
-    raw = o[..., None] * vis
+    m = m2[g] - layout.centre[tiles][:, None, :]                      # (T, k, 2) mean relative to the tile centre
+    c = con[g]
+    mx, my = m.unbind(-1)
+    A, B, C = c.unbind(-1)
+    log_op = torch.log(op[g].clamp_min(1e-30))                        # empty slots: ~ -69, i.e. alpha ~ 0
+    coef = torch.stack([0.5 * A * mx * mx + B * mx * my + 0.5 * C * my * my - log_op, -(A * mx + B * my),
+                        -(C * my + B * mx), 0.5 * A, B, 0.5 * C], -1)
+    raw = torch.exp(-(coef @ layout.basis))                           # opacity * exp(-sigma)
     alpha = raw.clamp_max(MAX_ALPHA)
-    valid = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
+    valid = alpha >= ALPHA_THRESHOLD
     a = alpha * valid
     log1m = torch.log1p(-a)
     cs = torch.cumsum(log1m, 1)                                       # log transmittance after k
     included = cs > math.log(TRANSMITTANCE_THRESHOLD)                 # a prefix per pixel (T is monotone)
     t_before = torch.exp(cs - log1m)
     w = a * t_before * included
-    return g, dx, dy, vis, raw, valid, a, t_before, included, w
+    return g, (mx, my, A, B, C), raw, valid, a, t_before, included, w
 
 
 class _Composite(torch.autograd.Function):
@@ -148,26 +161,25 @@ class _Composite(torch.autograd.Function):
         m2, con, op, f = _pad(means2d), _pad(conics), _pad(opacities), _pad(feats)
         g_m2, g_con, g_op, g_f = torch.zeros_like(m2), torch.zeros_like(con), torch.zeros_like(op), torch.zeros_like(f)
         for tiles, k in layout.chunks:
-            g, dx, dy, vis, raw, valid, a, t_before, included, w = _chunk_terms(layout, tiles, k, m2, con, op)
+            g, (mx, my, A, B, C), raw, valid, a, t_before, included, w = _chunk_terms(layout, tiles, k, m2, con, op)
             go, ga = grad_out[tiles], grad_acc[tiles]                     # (T, P, C), (T, P)
-            fg = f[g]                                                     # (T, k, C)
-            g_f.index_add_(0, g.reshape(-1), torch.bmm(w, go).reshape(-1, f.shape[1]))
+            flat = g.reshape(-1)
+            g_f.index_add_(0, flat, torch.bmm(w, go).reshape(-1, f.shape[1]))
             # dL/dw_k per pixel: the feature's upstream gradient plus the alpha output's.
-            dw = torch.bmm(fg, go.transpose(1, 2)) + ga[:, None, :]         # (T, k, P)
+            dw = torch.bmm(f[g], go.transpose(1, 2)) + ga[:, None, :]      # (T, k, P)
             s = w * dw
             after = s.sum(1, keepdim=True) - torch.cumsum(s, 1)            # sum over later Gaussians
             d_a = included * (t_before * dw - after / (1.0 - a))
-            d_raw = d_a * (valid & (raw < MAX_ALPHA))
-            g_op.index_add_(0, g.reshape(-1), (d_raw * vis).sum(-1).reshape(-1))
-            d_sig = -d_raw * raw
-            c = con[g]
-            gx = d_sig * dx
-            gy = d_sig * dy
-            grad_conic = torch.stack([0.5 * (gx * dx).sum(-1), (gx * dy).sum(-1), 0.5 * (gy * dy).sum(-1)], -1)
-            gx_s, gy_s = gx.sum(-1), gy.sum(-1)                             # d/dmean = conic @ (dx, dy)
-            grad_mean = torch.stack([c[..., 0] * gx_s + c[..., 1] * gy_s, c[..., 1] * gx_s + c[..., 2] * gy_s], -1)
-            g_con.index_add_(0, g.reshape(-1), grad_conic.reshape(-1, 3))
-            g_m2.index_add_(0, g.reshape(-1), grad_mean.reshape(-1, 2))
+            d_exponent = -(d_a * (valid & (raw < MAX_ALPHA)) * raw)        # dL/d(sigma - log op)
+            d0, d1, d2, d3, d4, d5 = (d_exponent @ layout.basis.T).unbind(-1)   # (T, k) each
+            grad_mean = torch.stack([d0 * (A * mx + B * my) - d1 * A - d2 * B,
+                                     d0 * (B * mx + C * my) - d1 * B - d2 * C], -1)
+            grad_conic = torch.stack([0.5 * d0 * mx * mx - d1 * mx + 0.5 * d3,
+                                      d0 * mx * my - d1 * my - d2 * mx + d4,
+                                      0.5 * d0 * my * my - d2 * my + 0.5 * d5], -1)
+            g_op.index_add_(0, flat, (-d0 / op[g].clamp_min(1e-30)).reshape(-1))
+            g_con.index_add_(0, flat, grad_conic.reshape(-1, 3))
+            g_m2.index_add_(0, flat, grad_mean.reshape(-1, 2))
         return g_m2[:-1], g_con[:-1], g_op[:-1], g_f[:-1], None
 
 
