@@ -148,28 +148,50 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 class ManagedModel:
     """A network ComfyUI can offload when other models need the GPU.
 
-    Inside ComfyUI the module is wrapped in a ModelPatcher: `acquire()` asks model management to load it on the
-    compute device (unloading others if needed) and returns the module. Without ComfyUI it just moves the module.
+    Plain networks (DUSt3R) are wrapped in a ModelPatcher: `acquire()` asks model management to load them on the
+    compute device, unloading other models if needed, and ComfyUI offloads them when it needs the room.
+    Networks that place themselves stage by stage (the video model's `place`/`stage`: UNet, VAE and CLIP towers
+    take turns on the GPU) are not patched; `acquire()` first asks ComfyUI to free their size on the device and
+    `release()` sends them back to the offload device. Without ComfyUI both just move the module.
     """
 
-    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype, name: str = "model"):
+    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: torch.dtype, name: str = "model",
+                 staged_offload: bool = False):
         self.module = module
         self.device = torch.device(device)
         self.dtype = dtype
         self.name = name
+        self.self_placing = hasattr(module, "place")
+        self.staged_offload = staged_offload
         self.patcher = None
-        if HAVE_COMFY:
+        if HAVE_COMFY and not self.self_placing:
             import comfy.model_patcher  # type: ignore
 
             self.patcher = comfy.model_patcher.ModelPatcher(module, load_device=self.device,
                                                              offload_device=offload_device())
 
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.module.state_dict().values())
+
     def acquire(self) -> torch.nn.Module:
         if self.patcher is not None:
             model_management.load_models_gpu([self.patcher])
+        elif self.self_placing:
+            if HAVE_COMFY and self.device.type != "cpu":
+                # With staged offload only the largest network is on the GPU at a time; free room for it.
+                need = self.size_bytes() // (3 if self.staged_offload else 1)
+                model_management.free_memory(need, self.device)
+            self.module.place(self.device, offload=self.staged_offload, offload_device=offload_device())
         else:
             self.module.to(self.device)
         return self.module
+
+    def release(self) -> None:
+        """Hand the GPU memory back after a node ran (self-placing models; ComfyUI manages patched ones)."""
+        if self.self_placing and self.device.type != "cpu":
+            self.module.place(offload_device())
+            if HAVE_COMFY:
+                model_management.soft_empty_cache()
 
     def __repr__(self) -> str:
         return f"ManagedModel({self.name}, device={self.device}, dtype={self.dtype})"

@@ -5,7 +5,7 @@ Stages, one module each: `dust3r` (pairwise point maps), `align` (global alignme
 """
 
 from .errors import CheckpointError, InputError, ReconXError, ResourceError
-from .types import Cameras, Gaussians, PairPredictions, Scene
+from .types import Cameras, Gaussians, PairPredictions, Scene, Views
 
-__all__ = ["Cameras", "Gaussians", "PairPredictions", "Scene",
+__all__ = ["Cameras", "Gaussians", "PairPredictions", "Scene", "Views",
            "ReconXError", "InputError", "CheckpointError", "ResourceError"]

@@ -218,3 +218,52 @@ class Gaussians:
 
     def to(self, device=None, dtype=None) -> "Gaussians":
         return _move(self, device, dtype)
+
+
+@dataclass
+class Views:
+    """Generated frames between reference views, with what is known about them (RECONX_VIEWS).
+
+    frames:          (S, 3, H, W) float in [0, 1]; the reference views sit at `reference_index`.
+    reference_index: (K,) long, frame index of each reference view (increasing; first 0, last S-1).
+    reference_cameras: Cameras of the K reference views at the frames' size (W, H).
+    cameras:         optional Cameras of all S frames (after confidence mapping).
+    conf:            optional (S, H, W) float in [0, 1], per-pixel confidence of each frame.
+    pts3d:           optional (S, H, W, 3) float, world frame, per-frame point maps.
+    info:            free-form metadata.
+    """
+
+    frames: torch.Tensor
+    reference_index: torch.Tensor
+    reference_cameras: Cameras
+    cameras: Optional[Cameras] = None
+    conf: Optional[torch.Tensor] = None
+    pts3d: Optional[torch.Tensor] = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check("frames", self.frames, (None, 3, None, None))
+        S, _, H, W = self.frames.shape
+        _check("reference_index", self.reference_index, (len(self.reference_cameras),))
+        if (self.reference_cameras.height, self.reference_cameras.width) != (H, W):
+            raise InputError(f"reference cameras are {self.reference_cameras.width}x{self.reference_cameras.height}, "
+                             f"frames {W}x{H}")
+        idx = self.reference_index
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= S):
+            raise InputError(f"reference_index {idx.tolist()} outside the {S} frames")
+        if self.cameras is not None and (len(self.cameras) != S or (self.cameras.height, self.cameras.width) != (H, W)):
+            raise InputError(f"cameras must be {S} cameras of size {W}x{H}")
+        if self.conf is not None:
+            _check("conf", self.conf, (S, H, W))
+        if self.pts3d is not None:
+            _check("pts3d", self.pts3d, (S, H, W, 3))
+
+    def __len__(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.frames.device
+
+    def to(self, device=None, dtype=None) -> "Views":
+        return _move(self, device, dtype)

@@ -100,6 +100,34 @@ def export_official_state_dict(model: VideoModel) -> dict:
     return out
 
 
+CONFIG_METADATA_KEY = "reconx_video_config"
+
+
+def save_video_model(model: VideoModel, path: Union[str, Path]) -> None:
+    """Write the base model as a .safetensors with the official key names and its config as JSON metadata.
+
+    For models of another size than the official one (the tiny test/demo models): `load_video_model` reads the
+    config back from the metadata, so such a file loads from a model folder like the real checkpoint.
+    """
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    save_file(export_official_state_dict(model), str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(model.config)})
+    tmp.replace(path)  # never leave a half-written model file behind
+
+
+def read_config(path: Union[str, Path]) -> Optional[dict]:
+    """The model config stored by `save_video_model` in a .safetensors' metadata, or None."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise CheckpointError(f"{path.name} is not a readable .safetensors file ({err}); download it again") from None
+    return json.loads(text) if text else None
+
+
 def read_state_dict(path: Union[str, Path]) -> dict:
     """All tensors of a DynamiCrafter checkpoint, on the CPU, with the official key names.
 
@@ -195,9 +223,10 @@ def load_video_model(path: Union[str, Path], device: Union[str, torch.device] = 
     softmax still compute in float32). structure_path: optional ReconX structure-branch safetensors.
     offload: keep weights on the CPU and move each network to `device` only while it runs.
     The networks are built on the meta device and take the checkpoint's tensors directly (no second copy).
+    config: the architecture; default: the one stored by `save_video_model` in the file, else the official one.
     """
     state = read_state_dict(path)
-    model = build_video_model(config or OFFICIAL_512_INTERP, device="meta")
+    model = build_video_model(config or read_config(path) or OFFICIAL_512_INTERP, device="meta")
     load_official_state_dict(model, state, assign=True)
     del state
     _init_structure_params(model, "cpu")

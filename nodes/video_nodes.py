@@ -1,0 +1,173 @@
+"""Stages 2-3 nodes: load DynamiCrafter (+ ReconX structure branch), encode the point cloud, interpolate views."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from reconx_core.errors import InputError
+from reconx_core.types import Scene, Views
+
+from . import comfy_bridge as bridge
+from .convert import image_to_comfy
+
+log = logging.getLogger("reconx")
+CATEGORY = "ReconX"
+NO_BRANCH = "none"
+
+
+class ReconXVideoModelLoader:
+    DESCRIPTION = ("Loads DynamiCrafter-512-interp (model.ckpt or a .safetensors variant) from models/reconx, and "
+                   "optionally the ReconX structure branch (point-cloud encoder + extra cross-attention), whose gate "
+                   "starts at zero so that without it the model is exactly DynamiCrafter.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("RECONX_VIDEO_MODEL",)
+    RETURN_NAMES = ("video_model",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = bridge.list_models("reconx")
+        return {"required": {
+            "ckpt_name": (files, {"tooltip": "DynamiCrafter_512_Interp model.ckpt (rename it freely) in models/reconx."}),
+            "structure_name": ([NO_BRANCH] + files, {
+                "default": NO_BRANCH,
+                "tooltip": "ReconX structure-branch weights (.safetensors) in models/reconx; none = plain "
+                           "DynamiCrafter interpolation."}),
+            "precision": (["auto", "fp32", "fp16", "bf16"], {
+                "default": "auto", "tooltip": "auto: bf16/fp16 on a GPU, fp32 on the CPU."}),
+            "device": (["auto", "cpu", "cuda"], {"default": "auto", "tooltip": "Where sampling runs."}),
+            "staged_offload": ("BOOLEAN", {
+                "default": True,
+                "tooltip": "Keep only the network in use (UNet, VAE or CLIP) on the GPU; saves several GB."}),
+        }}
+
+    def load(self, ckpt_name, structure_name=NO_BRANCH, precision="auto", device="auto", staged_offload=True):
+        from reconx_core.video import load_video_model
+        from reconx_core.video.tokenizer import ClipTokenizer
+
+        dev = bridge.resolve_device(device)
+        dtype = bridge.resolve_dtype(precision, dev)
+        path = bridge.model_path("reconx", ckpt_name)
+        branch = None if structure_name == NO_BRANCH else bridge.model_path("reconx", structure_name)
+        model = load_video_model(path, device="cpu", dtype=None if dtype == torch.float32 else dtype,
+                                 structure_path=branch).eval()
+        # The CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) may sit beside the weights.
+        model.tokenizer = ClipTokenizer(search_dirs=[str(p) for p in bridge.model_folders("reconx")])
+        return (bridge.ManagedModel(model, dev, dtype, name=ckpt_name, staged_offload=staged_offload),)
+
+
+def _video_model(video_model) -> bridge.ManagedModel:
+    if not isinstance(video_model, bridge.ManagedModel) or not hasattr(video_model.module, "unet"):
+        raise InputError("video_model must come from the ReconX Video Model Loader node")
+    return video_model
+
+
+class ReconXEncodePointCloud:
+    DESCRIPTION = ("Encodes the scene's confident points into ReconX structure tokens, "
+                   "F(P) = FFN(CrossAttn(PosEmb(P~), PosEmb(P))) with P~ a 1/8 farthest-point sample, using the "
+                   "structure branch loaded with the video model.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("RECONX_STRUCTURE",)
+    RETURN_NAMES = ("structure",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "scene": ("RECONX_SCENE", {"tooltip": "The aligned scene (ReconX DUSt3R Global Alignment)."}),
+            "video_model": ("RECONX_VIDEO_MODEL", {"tooltip": "Video model with its structure branch loaded."}),
+            "max_points": ("INT", {"default": 65536, "min": 256, "max": 1_000_000, "step": 256,
+                                   "tooltip": "Point budget P; the tokens are its 1/8 farthest-point sample."}),
+        }}
+
+    def encode(self, scene, video_model, max_points=65536):
+        from reconx_core.structure import scene_points
+
+        if not isinstance(scene, Scene):
+            raise InputError("scene must be a RECONX_SCENE")
+        managed = _video_model(video_model)
+        model = managed.acquire()
+        if model.structure_encoder is None:
+            raise InputError("this video model has no structure branch: pick a structure-branch file in ReconX "
+                             "Video Model Loader, or leave the structure input of ReconX Interpolate unconnected")
+        points = scene_points(scene, max_points=max_points, min_conf=scene.info.get("min_conf_thr", 3.0))
+        progress = bridge.Progress(1)
+        encoder = model.structure_encoder
+        param = next(encoder.parameters())
+        with torch.no_grad():
+            tokens = encoder(points.to(model.device, param.dtype), callback=progress.phase(1))
+        managed.release()
+        return (tokens.to(scene.device),)
+
+
+class ReconXInterpolate:
+    DESCRIPTION = ("Generates the frames between each pair of consecutive reference views with DynamiCrafter-512-"
+                   "interp, guided by the structure tokens when given (ReconX). K views give K-1 segments that share "
+                   "their end frames. Outputs the frames as IMAGE and as RECONX_VIEWS (with the reference cameras) "
+                   "for confidence mapping.")
+    CATEGORY = CATEGORY
+    FUNCTION = "interpolate"
+    RETURN_TYPES = ("IMAGE", "RECONX_VIEWS")
+    RETURN_NAMES = ("frames", "views")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "video_model": ("RECONX_VIDEO_MODEL", {"tooltip": "From ReconX Video Model Loader."}),
+                "scene": ("RECONX_SCENE", {"tooltip": "Reference views (in order) and their cameras."}),
+                "prompt": ("STRING", {"default": "", "multiline": True,
+                                      "tooltip": "Optional text describing the scene (empty works well)."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 500, "tooltip": "DDIM steps (official: 50)."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 1.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance scale (official: 7.5)."}),
+                "structure_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                              "tooltip": "Guidance weight of the structure condition (ReconX)."}),
+                "frames": ("INT", {"default": 16, "min": 2, "max": 64,
+                                   "tooltip": "Frames per segment including both ends (the model was trained on 16)."}),
+                "frame_stride": ("INT", {"default": 5, "min": 1, "max": 30,
+                                         "tooltip": "Motion-speed condition (official interpolation: 5)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": True,
+                                 "tooltip": "Seed of all sampling noise."}),
+            },
+            "optional": {
+                "structure": ("RECONX_STRUCTURE", {"tooltip": "Point-cloud tokens (ReconX Encode Point Cloud); "
+                                                              "needs trained structure-branch weights."}),
+            },
+        }
+
+    def interpolate(self, video_model, scene, prompt="", steps=50, cfg=7.5, structure_scale=1.0, frames=16,
+                    frame_stride=5, seed=0, structure=None):
+        from reconx_core.framing import crop_resize
+        from reconx_core.video import interpolate, reference_frame_indices
+
+        if not isinstance(scene, Scene):
+            raise InputError("scene must be a RECONX_SCENE")
+        managed = _video_model(video_model)
+        model = managed.acquire()
+        height, width = model.config["resolution"]
+        refs, ref_cameras = crop_resize(scene.images, scene.cameras, height, width)
+        k = refs.shape[0]
+        progress = bridge.Progress((k - 1) * steps)
+        try:
+            out = interpolate(model, refs, structure=structure, prompt=prompt, steps=steps, cfg=cfg,
+                              structure_scale=structure_scale, frames=frames, seed=seed, frame_stride=frame_stride,
+                              callback=progress.phase((k - 1) * steps))
+        finally:
+            managed.release()
+        out = out.to(scene.device)
+        index = torch.as_tensor(reference_frame_indices(k, frames), dtype=torch.long, device=scene.device)
+        views = Views(frames=out, reference_index=index, reference_cameras=ref_cameras.to(scene.device),
+                      info={"segments": k - 1, "frames_per_segment": frames, "structure": structure is not None,
+                            "seed": seed})
+        return (image_to_comfy(out), views)
+
+
+NODE_CLASS_MAPPINGS = {"ReconXVideoModelLoader": ReconXVideoModelLoader,
+                       "ReconXEncodePointCloud": ReconXEncodePointCloud,
+                       "ReconXInterpolate": ReconXInterpolate}
+NODE_DISPLAY_NAME_MAPPINGS = {"ReconXVideoModelLoader": "ReconX Video Model Loader (DynamiCrafter)",
+                              "ReconXEncodePointCloud": "ReconX Encode Point Cloud",
+                              "ReconXInterpolate": "ReconX Interpolate Views (video diffusion)"}
