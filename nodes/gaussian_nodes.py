@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from reconx_core.errors import InputError
-from reconx_core.types import Gaussians, Scene
+from reconx_core.types import Cameras, Gaussians, Scene
 
 from . import comfy_bridge as bridge
 from .convert import image_to_comfy, image_to_core
@@ -39,6 +39,13 @@ def splat_to_gaussians(splat, index: int = 0) -> Gaussians:
                      log_scales=splat.scales[index, :count].float().clamp_min(1e-12).log(),
                      opacity_logits=torch.logit(opacity.float()),
                      sh=splat.sh[index, :count].float())
+
+
+def _autograd_copy(scene: Scene) -> Scene:
+    """A copy of `scene` made of ordinary tensors (not inference-mode ones), usable by autograd."""
+    cams = scene.cameras
+    return Scene(Cameras(cams.cam_to_world.clone(), cams.intrinsics.clone(), cams.width, cams.height),
+                 scene.depths.clone(), scene.pts3d.clone(), scene.conf.clone(), scene.images.clone(), dict(scene.info))
 
 
 def _gaussians_ply_bytes(gaussians: Gaussians) -> bytes:
@@ -113,13 +120,19 @@ class ReconXFitGaussians:
             if tuple(conf.shape[-2:]) != (cameras.height, cameras.width):
                 conf = torch.nn.functional.interpolate(conf[:, None], size=(cameras.height, cameras.width),
                                                        mode="bilinear", align_corners=False)[:, 0]
-        init = init_from_scene(scene, max_points=max_points, min_conf=scene.info.get("min_conf_thr"),
-                               sh_degree=sh_degree, seed=seed)
         progress = bridge.Progress(steps)
-        gaussians = fit_gaussians(images, cameras, conf=conf, init=init, steps=steps,
-                                  weights=(l1_weight, ssim_weight, lpips_weight), sh_degree=sh_degree,
-                                  densify=densify, seed=seed, callback=progress.phase(steps),
-                                  lpips_dirs=[str(p) for p in bridge.model_folders("reconx")])
+        # ComfyUI runs nodes under inference_mode; the fit needs autograd, and tensors made in inference mode
+        # cannot be saved for backward, so the inputs are copied once outside it.
+        with torch.inference_mode(False), torch.enable_grad():
+            scene = _autograd_copy(scene)
+            images = images.clone()
+            conf = None if conf is None else conf.clone()
+            init = init_from_scene(scene, max_points=max_points, min_conf=scene.info.get("min_conf_thr"),
+                                   sh_degree=sh_degree, seed=seed)
+            gaussians = fit_gaussians(images, scene.cameras, conf=conf, init=init, steps=steps,
+                                      weights=(l1_weight, ssim_weight, lpips_weight), sh_degree=sh_degree,
+                                      densify=densify, seed=seed, callback=progress.phase(steps),
+                                      lpips_dirs=[str(p) for p in bridge.model_folders("reconx")])
         log.info("fitted %d Gaussians in %d steps", len(gaussians), steps)
         return (gaussians_to_splat(gaussians), bridge.make_file3d(_gaussians_ply_bytes(gaussians), "ply"))
 
@@ -184,8 +197,6 @@ def scene_center(scene: Scene) -> torch.Tensor:
 
 def resize_cameras(cameras, width: int, height: int):
     """The same cameras at another image size (intrinsics scaled per axis)."""
-    from reconx_core.types import Cameras
-
     sx, sy = width / cameras.width, height / cameras.height
     K = cameras.intrinsics.clone()
     K[:, 0] *= sx

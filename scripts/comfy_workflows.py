@@ -92,7 +92,8 @@ def build_ui(nodes: list, links: list, specs: dict) -> dict:
                 values.append("image" if n["type"] == "LoadImage" else "fixed")
                 continue
             decl = dict((nm, (k, o)) for nm, k, o in _inputs(spec))[wname]
-            default = decl[1].get("default", decl[0][0] if isinstance(decl[0], list) and decl[0] else "")
+            choices = decl[0] if isinstance(decl[0], list) else decl[1].get("options", [])
+            default = decl[1].get("default", choices[0] if choices else "")
             values.append(given.pop(wname, default))
         if given:
             raise ValueError(f"node {n['id']} ({n['type']}) has no widgets {sorted(given)}")

@@ -1,0 +1,151 @@
+"""Runs the pack inside a real ComfyUI (../shared/tools/comfyui) for the integration test and for by-hand checks.
+
+    COMFYUI_DIR=~/comfyui-test/ComfyUI .venv/bin/python tests/comfyui_harness.py   # runs every example workflow
+
+The server gets a temporary models folder holding the tiny random-weight models (reconx_core.tiny), a temporary
+input folder with two photos and a temporary output folder, through ComfyUI's own command-line options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOOLS = Path(os.environ.get("RECONX_COMFY_TOOLS", REPO.parent / "shared" / "tools" / "comfyui"))
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from comfy_workflows import node_specs, ui_to_api  # noqa: E402
+
+PORT = int(os.environ.get("RECONX_COMFY_PORT", "8189"))
+
+
+def small_run_overrides(class_type: str, inputs: dict, names: dict) -> dict:
+    """Make an example workflow cheap on a CPU and point it at the tiny models and the test photos."""
+    inputs = dict(inputs)
+    set_if = lambda key, value: inputs.__setitem__(key, value) if key in inputs else None  # noqa: E731
+    if class_type == "LoadImage":
+        inputs["image"] = names["photos"].pop(0) if names["photos"] else names["last_photo"]
+    elif class_type == "ReconXDust3rLoader":
+        inputs["ckpt_name"] = names["dust3r"]
+    elif class_type == "ReconXVideoModelLoader":
+        inputs["ckpt_name"] = names["video"]
+        if inputs.get("structure_name", "none") != "none":
+            inputs["structure_name"] = names["structure_branch"]
+    elif class_type == "ReconXDust3rAlign":
+        set_if("iterations", 30)
+        set_if("min_confidence", 1.0)  # random weights give confidences barely above 1
+    elif class_type == "ReconXFitGaussians":
+        set_if("steps", 30)
+        set_if("lpips_weight", 0.0)  # no LPIPS backbone offline
+        set_if("max_points", 5000)
+    elif class_type == "ReconXInterpolate":
+        set_if("steps", 2)
+        set_if("frames", 4)
+    elif class_type == "ReconXRenderGaussians":
+        set_if("frames", 4)
+    return inputs
+
+
+class ComfyServer:
+    """A ComfyUI server with this pack, on 127.0.0.1:PORT, with temporary models/input/output folders."""
+
+    def __init__(self, comfy_dir: Path, work: Path):
+        self.comfy_dir = Path(comfy_dir)
+        self.work = Path(work)
+        self.venv = Path(os.environ.get("COMFYUI_VENV", self.comfy_dir.parent / "venv"))
+        self.models, self.input, self.output = (self.work / d for d in ("models", "input", "output"))
+        self.state = self.work / "state"
+        self.names = {}
+
+    def env(self) -> dict:
+        config = self.work / "extra_model_paths.yaml"
+        config.write_text(f"reconx_test:\n  base_path: {self.models}\n  dust3r: dust3r\n  reconx: reconx\n")
+        args = (f"--extra-model-paths-config {config} --input-directory {self.input} "
+                f"--output-directory {self.output}")
+        return dict(os.environ, COMFY_DIR=str(self.comfy_dir), VENV=str(self.venv), PORT=str(PORT),
+                    STATE_DIR=str(self.state), COMFY_ARGS=args, PACK_MODE="symlink", WAIT_S="240")
+
+    def prepare(self) -> None:
+        from PIL import Image
+        from skimage.data import stereo_motorcycle
+
+        from reconx_core.tiny import write_tiny_models
+
+        paths = write_tiny_models(self.models)
+        self.names = {k: p.name for k, p in paths.items()}
+        self.input.mkdir(parents=True, exist_ok=True)
+        self.output.mkdir(parents=True, exist_ok=True)
+        left, right, _ = stereo_motorcycle()
+        for name, array in (("left.png", left), ("right.png", right), ("third.png", left[:, ::-1].copy())):
+            Image.fromarray(array).resize((148, 100)).save(self.input / name)
+
+    def start(self) -> str:
+        self.prepare()
+        run = subprocess.run(["bash", str(TOOLS / "run_with_pack.sh"), str(REPO)], env=self.env(),
+                             capture_output=True, text=True, timeout=400)
+        if run.returncode != 0:
+            raise RuntimeError(f"ComfyUI did not start with the pack:\n{run.stdout}\n{run.stderr}")
+        return run.stdout
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(TOOLS / "run_with_pack.sh"), "--stop"], env=self.env(), capture_output=True)
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{path}", timeout=30) as response:
+            return json.loads(response.read())
+
+    def run_example(self, name: str, timeout: int = 900) -> dict:
+        """Run example_workflows/NAME.json (made small); returns {"rc", "history", "log"}."""
+        workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+        specs = node_specs()
+        names = dict(self.names, photos=["left.png", "right.png", "third.png"], last_photo="third.png")
+        prompt = ui_to_api(workflow, specs)
+        for node_id in sorted(prompt, key=int):
+            node = prompt[node_id]
+            node["inputs"] = small_run_overrides(node["class_type"], node["inputs"], names)
+        api_file = self.work / f"{name}.api.json"
+        api_file.write_text(json.dumps(prompt, indent=1))
+        history_file = self.work / f"{name}.history.json"
+        run = subprocess.run([sys.executable, str(TOOLS / "run_workflow.py"), str(api_file), "--server",
+                              f"127.0.0.1:{PORT}", "--timeout", str(timeout), "--history-out", str(history_file)],
+                             capture_output=True, text=True, timeout=timeout + 60)
+        history = json.loads(history_file.read_text()) if history_file.exists() else {}
+        return {"rc": run.returncode, "history": history, "log": run.stdout + run.stderr}
+
+
+def main() -> int:
+    import tempfile
+
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir:
+        print("set COMFYUI_DIR to a ComfyUI source tree (see ../shared/tools/comfyui/README.md)")
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="reconx-comfy-"))
+    server = ComfyServer(Path(comfy_dir), work)
+    print(server.start())
+    try:
+        templates = server.get("/api/workflow_templates")
+        print("templates:", {k: v for k, v in templates.items() if k == REPO.name})
+        names = sys.argv[1:] or sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+        failed = 0
+        for name in names:
+            result = server.run_example(name)
+            print(f"== {name}: rc {result['rc']}\n{result['log'][-3000:]}")
+            failed += result["rc"] != 0
+        print("outputs:", sorted(str(p.relative_to(server.output)) for p in server.output.rglob("*") if p.is_file()))
+        return 1 if failed else 0
+    finally:
+        server.stop()
+        if os.environ.get("RECONX_KEEP") != "1":
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
