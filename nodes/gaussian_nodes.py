@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from reconx_core.errors import InputError
-from reconx_core.types import Cameras, Gaussians, Scene
+from reconx_core.types import Cameras, Gaussians, Scene, Views
 
 from . import comfy_bridge as bridge
 from .convert import image_to_comfy, image_to_core
@@ -39,6 +39,24 @@ def splat_to_gaussians(splat, index: int = 0) -> Gaussians:
                      log_scales=splat.scales[index, :count].float().clamp_min(1e-12).log(),
                      opacity_logits=torch.logit(opacity.float()),
                      sh=splat.sh[index, :count].float())
+
+
+def _scene_from_views(views) -> Scene:
+    """RECONX_VIEWS after confidence mapping as a Scene of its frames; the [0,1] loss weights ride in info."""
+    if not isinstance(views, Views):
+        raise InputError("views must be RECONX_VIEWS (ReconX Interpolate -> ReconX Confidence)")
+    if views.cameras is None or views.conf is None or views.pts3d is None:
+        raise InputError("these views have no cameras/confidences yet: pass them through ReconX Confidence "
+                         "before fitting")
+    depths = _camera_depths(views.pts3d, views.cameras)
+    return Scene(views.cameras, depths, views.pts3d, 1.0 + views.conf, views.frames,
+                 info={"loss_weights": views.conf, "from_views": True})
+
+
+def _camera_depths(pts3d: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+    """z-depth (N, H, W) of world points (N, H, W, 3) in their own cameras."""
+    w2c = torch.linalg.inv(cameras.cam_to_world)
+    return torch.einsum("nij,nhwj->nhwi", w2c[:, :3, :3], pts3d)[..., 2] + w2c[:, 2, 3][:, None, None]
 
 
 def _autograd_copy(scene: Scene) -> Scene:
@@ -91,17 +109,23 @@ class ReconXFitGaussians:
                                  "tooltip": "Seed of the point subsampling."}),
             },
             "optional": {
+                "views": ("RECONX_VIEWS", {"tooltip": "Generated frames with cameras and confidences (ReconX "
+                                                      "Confidence). When connected, all its frames are fitted with "
+                                                      "their confidences, initialised from the first and last "
+                                                      "frames' point maps (as in the paper)."}),
                 "frames": ("IMAGE", {"tooltip": "Frames to fit, one per scene camera; default: the scene's own images."}),
                 "confidence": ("MASK", {"tooltip": "Per-pixel weights in [0, 1], one per frame; default: uniform."}),
             },
         }
 
     def fit(self, scene, steps=1000, l1_weight=0.8, ssim_weight=0.2, lpips_weight=0.5, sh_degree=3,
-            densify=False, max_points=300000, seed=0, frames=None, confidence=None):
-        from reconx_core.gaussians import fit_gaussians, init_from_scene
+            densify=False, max_points=300000, seed=0, views=None, frames=None, confidence=None):
+        from reconx_core.gaussians import fit_gaussians, init_from_points, init_from_scene
 
         if not isinstance(scene, Scene):
             raise InputError("scene must come from ReconX DUSt3R Global Alignment (RECONX_SCENE)")
+        if views is not None:
+            scene, confidence, frames = _scene_from_views(views), None, None
         device = scene.device
         images = scene.images if frames is None else image_to_core(frames, "frames", device)
         cameras = scene.cameras
@@ -127,13 +151,25 @@ class ReconXFitGaussians:
             scene = _autograd_copy(scene)
             images = images.clone()
             conf = None if conf is None else conf.clone()
-            init = init_from_scene(scene, max_points=max_points, min_conf=scene.info.get("min_conf_thr"),
-                                   sh_degree=sh_degree, seed=seed)
+            if views is not None:
+                conf = scene.info["loss_weights"].clone()
+                # The paper initialises from the first and last frames' point maps (the two reference views),
+                # here their confident half at least.
+                ends = [0, len(scene) - 1]
+                keep = conf[ends] >= min(0.5, float(conf[ends].median()))
+                points = scene.pts3d[ends][keep]
+                colours = scene.images[ends].permute(0, 2, 3, 1)[keep]
+                if points.shape[0] == 0:
+                    raise InputError("the first and last frames have no confident points to start from")
+                init = init_from_points(points, colours, sh_degree=sh_degree, max_points=max_points, seed=seed)
+            else:
+                init = init_from_scene(scene, max_points=max_points, min_conf=scene.info.get("min_conf_thr"),
+                                       sh_degree=sh_degree, seed=seed)
             gaussians = fit_gaussians(images, scene.cameras, conf=conf, init=init, steps=steps,
                                       weights=(l1_weight, ssim_weight, lpips_weight), sh_degree=sh_degree,
                                       densify=densify, seed=seed, callback=progress.phase(steps),
                                       lpips_dirs=[str(p) for p in bridge.model_folders("reconx")])
-        log.info("fitted %d Gaussians in %d steps", len(gaussians), steps)
+        log.info("fitted %d Gaussians to %d frames in %d steps", len(gaussians), images.shape[0], steps)
         return (gaussians_to_splat(gaussians), bridge.make_file3d(_gaussians_ply_bytes(gaussians), "ply"))
 
 

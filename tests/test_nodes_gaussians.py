@@ -78,3 +78,22 @@ def test_render_through_cameras_reproduces_the_training_view():
     mse = ((frames - target) ** 2).mean()
     psnr = -10 * torch.log10(mse)
     assert psnr > 20, f"PSNR {psnr:.1f} dB on the training views after 150 steps"
+
+
+def test_fit_from_confidence_mapped_views():
+    from reconx_core.types import Views
+
+    frames_scene = plane_scene(4, 48, 64)
+    conf = torch.ones(4, 48, 64)
+    conf[1, :, :32] = 0.0  # a region the confidence mapping distrusts
+    frames = frames_scene.images.clone()
+    frames[1, :, :, :32] = torch.tensor([1.0, 0.0, 1.0])[:, None, None]  # ... and it is indeed wrong (magenta)
+    views = Views(frames=frames, reference_index=torch.tensor([0, 3]), reference_cameras=frames_scene.cameras[torch.tensor([0, 3])],
+                  cameras=frames_scene.cameras, conf=conf, pts3d=frames_scene.pts3d)
+    splat, _ = fit(plane_scene(2, 48, 64), views=views, steps=150)
+    with torch.inference_mode():
+        rendered, _, _ = ReconXRenderGaussians().render(splat, frames_scene, "through cameras", 4, 0, 0)
+    truth = frames_scene.images.permute(0, 2, 3, 1)
+    # the magenta region was ignored: frame 1 renders the true texture there
+    error = (rendered[1, :, :32] - truth[1, :, :32]).abs().mean()
+    assert error < 0.08, f"mean error {error:.3f} in the zero-confidence region"
