@@ -13,6 +13,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comfy_workflows import REPO, build_ui, node_specs  # noqa: E402
 
 DUST3R = "DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth"
+DYNAMICRAFTER = "dynamicrafter_512_interp.ckpt"
+STRUCTURE_NOTE = (
+    "ReconX pipeline\n\n"
+    "1. Put your photos in the Load Image nodes, in the order the camera should travel.\n"
+    f"2. models/dust3r/{DUST3R} and models/reconx/{DYNAMICRAFTER} (DynamiCrafter_512_Interp's model.ckpt, "
+    "renamed) must exist: see the pack's README for the download links.\n"
+    "3. 'ReconX Encode Point Cloud' is bypassed: the structure branch needs trained weights (a .safetensors in "
+    "models/reconx, picked in the video model loader). With them, un-bypass it (Ctrl+B) and the interpolation "
+    "becomes structure-guided; without, it is plain DynamiCrafter interpolation.\n"
+    "4. LPIPS needs alexnet-owt-7be5be79.pth in models/reconx; set lpips_weight to 0 to fit without it.")
 
 
 def two_photos(x: int = 0):
@@ -49,7 +59,50 @@ def geometry_only():
     return nodes, links
 
 
-WORKFLOWS = {"reconx_geometry_only": geometry_only}
+def full_pipeline(n_photos: int):
+    """Photos -> DUSt3R alignment -> (structure) -> video interpolation -> confidence mapping -> 3DGS -> video."""
+    nodes, links = two_photos()
+    if n_photos > 2:
+        batch = next(n for n in nodes if n["id"] == 3)
+        for k in range(2, n_photos):
+            nid = 100 + k
+            nodes.append({"id": nid, "type": "LoadImage", "pos": [0, 360 * k], "size": [300, 320],
+                          "title": f"Photo {k + 1}", "widgets": {"image": "example.png"}})
+            batch["link_inputs"].append(f"images.image{k}")
+            links.append((nid, 0, 3, f"images.image{k}"))
+    nodes += [
+        {"id": 4, "type": "ReconXDust3rLoader", "pos": [340, 420], "size": [320, 110], "widgets": {"ckpt_name": DUST3R}},
+        {"id": 5, "type": "ReconXDust3rAlign", "pos": [700, 120], "size": [340, 290]},
+        {"id": 6, "type": "PreviewPointCloud", "pos": [700, -420], "size": [400, 400]},
+        {"id": 7, "type": "ReconXVideoModelLoader", "pos": [700, 470], "size": [340, 160],
+         "widgets": {"ckpt_name": DYNAMICRAFTER}},
+        {"id": 8, "type": "ReconXEncodePointCloud", "pos": [1080, 470], "size": [300, 100], "mode": 4},
+        {"id": 9, "type": "ReconXInterpolate", "pos": [1420, 120], "size": [340, 330]},
+        {"id": 10, "type": "SaveAnimatedWEBP", "pos": [1800, -420], "size": [360, 380],
+         "widgets": {"filename_prefix": "reconx/interpolated", "fps": 8.0}},
+        {"id": 11, "type": "ReconXConfidence", "pos": [1800, 120], "size": [320, 170]},
+        {"id": 12, "type": "PreviewImage", "pos": [2160, -420], "size": [320, 380], "title": "Confidence"},
+        {"id": 13, "type": "MaskToImage", "pos": [2160, 120], "size": [220, 60]},
+        {"id": 14, "type": "ReconXFitGaussians", "pos": [2160, 300], "size": [340, 340]},
+        {"id": 15, "type": "PreviewGaussianSplat", "pos": [2540, -420], "size": [400, 400]},
+        {"id": 16, "type": "ReconXRenderGaussians", "pos": [2540, 120], "size": [320, 200]},
+        {"id": 17, "type": "SaveAnimatedWEBP", "pos": [2900, 120], "size": [360, 380],
+         "widgets": {"filename_prefix": "reconx/flythrough", "fps": 12.0}},
+        {"id": 18, "type": "Note", "pos": [340, 700], "size": [700, 220], "text": STRUCTURE_NOTE},
+    ]
+    links += [(3, 0, 5, "images"), (4, 0, 5, "dust3r"), (5, 3, 6, "model_3d"),
+              (5, 0, 8, "scene"), (7, 0, 8, "video_model"),
+              (7, 0, 9, "video_model"), (5, 0, 9, "scene"), (8, 0, 9, "structure"),
+              (9, 0, 10, "images"), (9, 1, 11, "views"), (4, 0, 11, "dust3r"),
+              (11, 1, 13, "mask"), (13, 0, 12, "images"),
+              (5, 0, 14, "scene"), (11, 0, 14, "views"), (14, 1, 15, "model_3d"),
+              (14, 0, 16, "splat"), (5, 0, 16, "scene"), (16, 0, 17, "images")]
+    return nodes, links
+
+
+WORKFLOWS = {"reconx_geometry_only": geometry_only,
+             "reconx_two_views": lambda: full_pipeline(2),
+             "reconx_multi_view": lambda: full_pipeline(3)}
 
 
 def build_all() -> dict:

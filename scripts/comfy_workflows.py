@@ -14,6 +14,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "LOAD_3D"}
+# Frontend-only nodes (no backend class); ignored by the checks and the API form.
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+# LiteGraph node modes: 0 always, 2 never (muted), 4 bypass.
+ACTIVE, MUTED, BYPASSED = 0, 2, 4
 FILE_PICKERS = {"ckpt_name", "image", "model_name", "structure_name", "lpips_name"}
 
 
@@ -71,6 +75,13 @@ def build_ui(nodes: list, links: list, specs: dict) -> dict:
     by_id = {n["id"]: n for n in nodes}
     inputs_of, outputs_of = {}, {}
     for n in nodes:
+        if n["type"] in FRONTEND_ONLY:
+            out_nodes.append({"id": n["id"], "type": n["type"], "pos": n["pos"], "size": n.get("size", [400, 160]),
+                              "flags": {}, "order": len(out_nodes), "mode": ACTIVE, "inputs": [], "outputs": [],
+                              "properties": {}, "widgets_values": [n["text"]],
+                              "color": "#432", "bgcolor": "#653"})
+            inputs_of[n["id"]], outputs_of[n["id"]] = [], []
+            continue
         spec = specs[n["type"]]
         ins = []
         for name in n.get("link_inputs", []):
@@ -99,7 +110,7 @@ def build_ui(nodes: list, links: list, specs: dict) -> dict:
             raise ValueError(f"node {n['id']} ({n['type']}) has no widgets {sorted(given)}")
         inputs_of[n["id"]], outputs_of[n["id"]] = ins, outs
         node = {"id": n["id"], "type": n["type"], "pos": n["pos"], "size": n.get("size", [300, 120]), "flags": {},
-                "order": len(out_nodes), "mode": 0, "inputs": ins, "outputs": outs,
+                "order": len(out_nodes), "mode": n.get("mode", ACTIVE), "inputs": ins, "outputs": outs,
                 "properties": {"Node name for S&R": n["type"]}, "widgets_values": values}
         if "title" in n:
             node["title"] = n["title"]
@@ -121,6 +132,8 @@ def check_ui(workflow: dict, specs: dict) -> list:
     problems = []
     nodes = {n["id"]: n for n in workflow["nodes"]}
     for n in workflow["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
         spec = specs.get(n["type"])
         if spec is None:
             problems.append(f"node {n['id']}: unknown type {n['type']}")
@@ -168,11 +181,14 @@ def check_ui(workflow: dict, specs: dict) -> list:
         if kind != out_kind or (out_kind not in in_kind.split(",") and in_kind != "*"):
             problems.append(f"link {link_id}: {nodes[src]['type']} output {slot} ({out_kind}) -> "
                             f"{dst_node['type']}.{in_name} ({in_kind})")
+    links = {link[0]: link for link in workflow["links"]}
     for n in workflow["nodes"]:
         spec = specs.get(n["type"])
-        if spec is None:
+        if spec is None or n.get("mode", ACTIVE) != ACTIVE:
             continue
-        linked = {i["name"] for i in n["inputs"] if i.get("link") is not None}
+        # inputs fed by muted/bypassed nodes count as unconnected (ComfyUI drops those links)
+        linked = {i["name"] for i in n["inputs"] if i.get("link") is not None
+                  and nodes[links[i["link"]][1]].get("mode", ACTIVE) == ACTIVE}
         for name, kind, _ in _inputs(spec):
             required = name in spec["input"].get("required", {})
             if required and not _is_widget(kind) and kind != "COMFY_AUTOGROW_V3" and name not in linked:
@@ -180,19 +196,36 @@ def check_ui(workflow: dict, specs: dict) -> list:
     return problems
 
 
+def _resolve_source(link_id, links: dict, nodes: dict, modes: dict):
+    """(node id, output slot) feeding a link, following bypassed nodes as ComfyUI does (a bypassed node passes its
+    first input of the output's type through); None when the link is absent or ends at a muted node."""
+    while link_id is not None:
+        _, src, slot, _, _, kind = links[link_id]
+        if modes[src] == ACTIVE:
+            return src, slot
+        if modes[src] != BYPASSED:
+            return None
+        link_id = next((i.get("link") for i in nodes[src]["inputs"] if i["type"] == kind and i.get("link")), None)
+    return None
+
+
 def ui_to_api(workflow: dict, specs: dict) -> dict:
     """The API form (what /prompt takes) of a UI-format workflow, as the frontend's graphToPrompt builds it."""
     links = {link[0]: link for link in workflow["links"]}
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    modes = {n["id"]: n.get("mode", ACTIVE) for n in workflow["nodes"]}
     prompt = {}
     for n in workflow["nodes"]:
+        if n["type"] in FRONTEND_ONLY or modes[n["id"]] != ACTIVE:
+            continue
         inputs = {}
         for name, value in zip(widget_names(specs[n["type"]]), n.get("widgets_values") or []):
             if name is not None:
                 inputs[name] = value
         for entry in n["inputs"]:
-            if entry.get("link") is not None:
-                _, src, slot, _, _, _ = links[entry["link"]]
-                inputs[entry["name"]] = [str(src), slot]
+            source = _resolve_source(entry.get("link"), links, nodes, modes)
+            if source is not None:
+                inputs[entry["name"]] = [str(source[0]), source[1]]
         prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs,
                                 "_meta": {"title": n.get("title", n["type"])}}
     return prompt
