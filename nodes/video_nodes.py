@@ -140,7 +140,7 @@ class ReconXInterpolate:
 
     def interpolate(self, video_model, scene, prompt="", steps=50, cfg=7.5, structure_scale=1.0, frames=16,
                     frame_stride=5, seed=0, structure=None):
-        from reconx_core.framing import crop_resize
+        from reconx_core.framing import crop_resize, median_depths
         from reconx_core.video import interpolate, reference_frame_indices
 
         if not isinstance(scene, Scene):
@@ -161,7 +161,8 @@ class ReconXInterpolate:
         index = torch.as_tensor(reference_frame_indices(k, frames), dtype=torch.long, device=scene.device)
         views = Views(frames=out, reference_index=index, reference_cameras=ref_cameras.to(scene.device),
                       info={"segments": k - 1, "frames_per_segment": frames, "structure": structure is not None,
-                            "seed": seed})
+                            "seed": seed, "reference_depths": median_depths(scene.depths, scene.conf,
+                                                                            scene.info.get("min_conf_thr"))})
         return (image_to_comfy(out), views)
 
 

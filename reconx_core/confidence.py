@@ -79,7 +79,7 @@ def video_pair_graph(n_frames: int, reference_index, window: int = 3,
     return torch.tensor(ordered, dtype=torch.long).reshape(-1, 2)
 
 
-def reference_similarity(aligned_c2w: torch.Tensor, known_c2w: torch.Tensor):
+def reference_similarity(aligned_c2w: torch.Tensor, known_c2w: torch.Tensor, depth_scale: Optional[float] = None):
     """Similarity X_known = s R X_aligned + t that carries aligned reference cameras onto the known ones.
 
     aligned_c2w, known_c2w: (K, 4, 4) camera-to-world poses of the same K >= 2 views in the two frames.
@@ -88,6 +88,10 @@ def reference_similarity(aligned_c2w: torch.Tensor, known_c2w: torch.Tensor):
     (the chordal mean of the relative rotations plus the Umeyama cross-covariance of the centred camera centres
     C = c^known - mean, A = c^al - mean, normalised so both terms weigh alike); s = |C|_F / |A|_F (ratio of the
     centres' spreads); t = mean(c^known) - s R mean(c^al).
+    When the reference centres coincide in either frame (a camera turning on the spot, or a degenerate
+    alignment) the centres say nothing about scale or rotation: then R is the chordal mean of the relative
+    rotations alone and s = `depth_scale` (the ratio of the references' known to aligned depths), if given;
+    otherwise that case is an error.
     Returns (scale: float, rot (3, 3), trans (3,)), float64 on the input's device.
     """
     al, kn = aligned_c2w.double(), known_c2w.double()
@@ -98,16 +102,19 @@ def reference_similarity(aligned_c2w: torch.Tensor, known_c2w: torch.Tensor):
     a, c = al[:, :3, 3], kn[:, :3, 3]
     A, C = a - a.mean(0), c - c.mean(0)
     norm_a, norm_c = float(A.norm()), float(C.norm())
-    spread = max(float(c.norm(dim=-1).max()), 1.0)
-    if norm_c <= 1e-9 * spread:
-        raise InputError("the known reference cameras share one centre, so the scene scale is undefined; use "
-                         "reference views taken from different positions")
-    if norm_a <= 1e-9 * max(float(a.norm(dim=-1).max()), 1.0):
-        raise InputError("the aligned reference frames collapse to one camera centre, so the scale cannot be "
-                         "transferred; check that the frames show the scene from different positions")
-    M = (kn[:, :3, :3] @ al[:, :3, :3].transpose(1, 2)).sum(0) + K * (C.T @ A) / (norm_c * norm_a)
-    rot = roma.special_procrustes(M)
-    scale = norm_c / norm_a
+    known_same = norm_c <= 1e-6 * max(float(c.norm(dim=-1).max()), 1.0)
+    aligned_same = norm_a <= 1e-6 * max(float(a.norm(dim=-1).max()), 1.0)
+    rotations = (kn[:, :3, :3] @ al[:, :3, :3].transpose(1, 2)).sum(0)
+    if known_same or aligned_same:
+        if depth_scale is None or not math.isfinite(depth_scale) or depth_scale <= 0:
+            which = "known reference cameras share" if known_same else "aligned reference frames collapse to"
+            raise InputError(f"the {which} one camera centre, so the scene scale is undefined; use reference views "
+                             "taken from different positions")
+        log.warning("the reference cameras share one centre: scale taken from their depths (%.4g)", depth_scale)
+        rot, scale = roma.special_procrustes(rotations), float(depth_scale)
+    else:
+        rot = roma.special_procrustes(rotations + K * (C.T @ A) / (norm_c * norm_a))
+        scale = norm_c / norm_a
     trans = c.mean(0) - scale * rot @ a.mean(0)
     return scale, rot, trans
 
@@ -199,14 +206,16 @@ def _as_poses(reference_cameras: Union[Cameras, torch.Tensor]) -> torch.Tensor:
 def map_confidence_from_pairs(pairs: PairPredictions, reference_index, reference_cameras: Union[Cameras, torch.Tensor],
                               *, niter: int = 300, lr: float = 0.01, schedule: str = "cosine",
                               min_conf_thr: float = 3.0, depth_tol: float = 0.05, min_views: int = 1,
-                              unseen: float = 0.5, callback: Callback = None) -> Scene:
+                              unseen: float = 0.5, reference_depths: Optional[torch.Tensor] = None,
+                              callback: Callback = None) -> Scene:
     """Align DUSt3R pair predictions of S frames and express them in the reference cameras' world frame.
 
     pairs: PairPredictions over frames 0..S-1 (e.g. on `video_pair_graph`), (E, H, W) at the network resolution.
     reference_index: (K,) frames whose camera-to-world poses are known; reference_cameras: their Cameras (any
     size, only the poses are used) or (K, 4, 4) poses, in the first stage's world frame.
     niter, lr, schedule, min_conf_thr: passed to `align_views`. depth_tol, min_views, unseen: see
-    `geometric_consistency`.
+    `geometric_consistency`. reference_depths: optional (K,) median depth of each reference view in the first
+    stage, the scale's fallback when the reference centres coincide (see `reference_similarity`).
     Steps: align_views -> similarity (s, R, t) = `reference_similarity`(aligned reference poses, known poses) ->
     every pose becomes [R R_i | s R c_i + t], every point s R X + t, every depth s d.
     Confidence per pixel:  conf = a * g  in [0, 1], with a = `dust3r_term` (clamp(log C / median_ref log C, 0, 1),
@@ -244,7 +253,11 @@ def map_confidence_from_pairs(pairs: PairPredictions, reference_index, reference
         raise InputError("the global alignment of the frames produced non-finite depths or cameras: DUSt3R's point "
                          "maps are not usable geometry (random/tiny test weights, blank or broken frames?). Use a "
                          "real DUSt3R checkpoint and check the frames")
-    scale, rot, trans = reference_similarity(c2w_al[refs], known.to(device))
+    depth_scale = None
+    if reference_depths is not None:
+        aligned_depth = scene.depths[refs].flatten(1).median(dim=1).values
+        depth_scale = float((reference_depths.to(device).float() / aligned_depth).median())
+    scale, rot, trans = reference_similarity(c2w_al[refs], known.to(device), depth_scale)
     rot32, trans32 = rot.float(), trans.float()
     c2w = c2w_al.clone()
     c2w[:, :3, :3] = rot32 @ c2w_al[:, :3, :3]
@@ -308,6 +321,8 @@ def map_confidence(model, views: Views, *, window: int = 3, reference_links: str
     integers); depths and confidences are resampled bilinearly (frame pixel u at network position s (u + 0.5) - 0.5)
     and pts3d is the resampled depth back-projected through these intrinsics and poses, so points, cameras and
     depths agree exactly at the frame size.
+    views.info["reference_depths"] (optional, (K,)): the references' median depths in the first stage, used for
+    the scale when the reference cameras share one centre.
     callback(step, total): DUSt3R batches, then alignment steps, then one per frame.
     Returns a new Views on views.device: cameras (S) of size (W, H), conf (S, H, W) in [0, 1], pts3d (S, H, W, 3)
     world frame; info adds "confidence" (network size, edges count, similarity, reference residuals, align loss).
@@ -338,8 +353,10 @@ def map_confidence(model, views: Views, *, window: int = 3, reference_links: str
     frames = _resize(views.frames.to(device=device, dtype=torch.float32), (h, w)).clamp(0, 1)
     pairs = infer_pairs(model, frames, graph=edges, batch_size=batch_size, callback=progress(0))
     known = views.reference_cameras.cam_to_world.to(device)
+    ref_depths = views.info.get("reference_depths")
     scene = map_confidence_from_pairs(pairs, refs, known, niter=niter, lr=lr, min_conf_thr=min_conf_thr,
                                       depth_tol=depth_tol, min_views=min_views, unseen=unseen,
+                                      reference_depths=None if ref_depths is None else torch.as_tensor(ref_depths),
                                       callback=progress(n_inf))
     sx, sy = w / W, h / H
     K = scene.cameras.intrinsics.clone()

@@ -44,3 +44,17 @@ def crop_resize(images: torch.Tensor, cameras: Cameras, height: int, width: int)
     K[:, 0, 2] = sx * (K[:, 0, 2] - x0 + 0.5) - 0.5
     K[:, 1, 2] = sy * (K[:, 1, 2] - y0 + 0.5) - 0.5
     return resized.clamp(0, 1), Cameras(cameras.cam_to_world.clone(), K, width, height)
+
+
+def median_depths(depths, conf=None, min_conf: float | None = None):
+    """(N,) median depth of each view over its confident pixels (all pixels where none pass).
+
+    depths: (N, H, W); conf: optional (N, H, W) with `min_conf` the threshold.
+    """
+    out = []
+    for i in range(depths.shape[0]):
+        d = depths[i]
+        if conf is not None and min_conf is not None and bool((conf[i] > min_conf).any()):
+            d = d[conf[i] > min_conf]
+        out.append(d.flatten().median())
+    return torch.stack(out)

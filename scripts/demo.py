@@ -1,14 +1,27 @@
 #!/usr/bin/env python3
-"""`make demo`: reconstruct the real Middlebury 2014 "Motorcycle" stereo pair that scikit-image ships.
+"""`make demo`: the ReconX pipeline, headless, on the real Middlebury 2014 "Motorcycle" stereo pair that
+scikit-image ships.
 
-Runs reconx_core headless: DUSt3R pair inference -> global alignment, then writes to out/:
-  motorcycle_points.ply   the aligned, confidence-filtered point cloud (opens in any PLY viewer / ComfyUI)
-  motorcycle_cameras.json poses (camera-to-world, OpenCV), intrinsics, image size, alignment loss
-  motorcycle_depth.png    the two depth maps side by side
-and prints how far the result is from the pair's ground truth (calibrated disparity -> metric depth).
+  photos -> DUSt3R global alignment -> (structure tokens) -> DynamiCrafter interpolation -> confidence mapping
+         -> confidence-aware 3DGS -> fly-through
 
-Weights: --weights PATH, else models/dust3r/DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (downloaded there when
-missing and the network allows; otherwise the script stops and says what to download where).
+Writes to out/ (or --out):
+  motorcycle_points.ply      the aligned, confidence-filtered point cloud of stage 1
+  motorcycle_cameras.json    poses (camera-to-world, OpenCV), intrinsics, alignment loss, ground-truth comparison
+  motorcycle_depth.png       the two depth maps side by side
+  motorcycle_frames.webp     the interpolated frames (and motorcycle_frames.png, a contact sheet)
+  motorcycle_confidence.png  the per-frame confidence maps
+  motorcycle_gaussians.ply   the Gaussians (INRIA 3DGS layout)
+  motorcycle_flythrough.webp a fly-through rendered from the Gaussians
+and prints how far stage 1 is from the pair's ground truth (calibrated disparity -> metric depth).
+
+Weights: models/dust3r/DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (--weights PATH) and
+models/reconx/dynamicrafter_512_interp.ckpt (--video-weights PATH). A missing DUSt3R file is downloaded when the
+network allows; otherwise the script stops and says which file to put where, and where to download it.
+--stage1-only stops after the alignment (needs only DUSt3R).
+
+`make demo ARGS=--tiny` runs every stage with tiny random-weight models: a SMOKE RUN that exercises the whole path
+where no weights exist. Its outputs are noise, not a reconstruction, and are written with a "tiny_" prefix.
 """
 
 from __future__ import annotations
@@ -32,6 +45,8 @@ from reconx_core.errors import ReconXError  # noqa: E402
 
 DUST3R_FILE = "DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth"
 DUST3R_URL = f"https://download.europe.naverlabs.com/ComputerVision/DUSt3R/{DUST3R_FILE}"
+VIDEO_FILE = "dynamicrafter_512_interp.ckpt"
+VIDEO_URL = "https://huggingface.co/Doubiiu/DynamiCrafter_512_Interp/resolve/main/model.ckpt"
 # Middlebury 2014 Motorcycle, downsampled x4 as scikit-image ships it (see ../shared/ENV.md).
 FOCAL_PX, BASELINE_MM, DISPARITY_OFFSET = 994.978, 193.001, 31.086
 
@@ -67,6 +82,19 @@ def find_weights(path: str | None) -> Path:
             f"  (licence CC BY-NC-SA 4.0; or pass another checkpoint with make demo ARGS=\"--weights PATH\")")
 
 
+def find_video_weights(path: str | None) -> Path:
+    """DynamiCrafter-512-interp: the given path or models/reconx; never downloaded (10 GB), the error says where."""
+    weights = Path(path) if path else REPO / "models" / "reconx" / VIDEO_FILE
+    if weights.is_file():
+        return weights
+    raise SystemExit(
+        "error: the DynamiCrafter 512 interpolation weights are missing.\n"
+        f"  file:     {weights.name}  (the repository's model.ckpt, renamed)\n"
+        f"  folder:   {weights.parent}\n"
+        f"  download: {VIDEO_URL}\n"
+        "  (or run make demo ARGS=--stage1-only for the DUSt3R stage alone, or ARGS=--tiny for a smoke run)")
+
+
 def ground_truth_depth(disparity: np.ndarray) -> np.ndarray:
     """Metric depth (mm) of the left view from the calibrated disparity; NaN where it is unknown."""
     depth = FOCAL_PX * BASELINE_MM / (disparity + DISPARITY_OFFSET)
@@ -74,24 +102,24 @@ def ground_truth_depth(disparity: np.ndarray) -> np.ndarray:
     return depth
 
 
-def crop_like_dust3r(array: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
-    """Resize (nearest) and centre-crop a (H, W) map the way DUSt3R's preprocessing treats the image.
+def crop_like_dust3r(array: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, float]:
+    """Resize (nearest) and centre-crop a (H, W) map to the network's (height, width) view of the image, the way
+    DUSt3R's preprocessing treats the photo (long side 512, or short side 224, then a centre crop).
 
     Returns the map and the resize factor (new pixels per original pixel).
     """
     H, W = array.shape
-    scale = size / max(H, W)
+    scale = width / max(H, W) if max(width, height) > 224 else 224 / min(H, W)
     h, w = round(H * scale), round(W * scale)
     resized = torch.nn.functional.interpolate(array[None, None], size=(h, w), mode="nearest")[0, 0]
-    cx, cy = w // 2, h // 2
-    half_w, half_h = ((2 * cx) // 16) * 8, ((2 * cy) // 16) * 8
-    return resized[cy - half_h:cy + half_h, cx - half_w:cx + half_w], scale
+    y0, x0 = (h - height) // 2, (w - width) // 2
+    return resized[y0:y0 + height, x0:x0 + width], scale
 
 
-def evaluate(scene, gt_depth_mm: torch.Tensor, resize: float) -> dict:
+def evaluate(scene, gt_depth_mm: torch.Tensor, resize: float, min_conf: float) -> dict:
     """Compare view 0 with the ground truth after the one unknown global scale (median ratio)."""
     pred = scene.depths[0].float().cpu()
-    valid = torch.isfinite(gt_depth_mm) & (scene.conf[0].cpu() > 3)
+    valid = torch.isfinite(gt_depth_mm) & (scene.conf[0].cpu() > min_conf)
     scale = torch.median(gt_depth_mm[valid] / pred[valid])
     abs_rel = ((pred[valid] * scale - gt_depth_mm[valid]).abs() / gt_depth_mm[valid]).mean()
     focal_gt = FOCAL_PX * resize
@@ -109,60 +137,173 @@ def evaluate(scene, gt_depth_mm: torch.Tensor, resize: float) -> dict:
             "baseline_mm": baseline_mm, "baseline_gt_mm": BASELINE_MM}
 
 
+def save_webp(frames: torch.Tensor, path: Path, fps: float) -> None:
+    """(S, 3, H, W) in [0, 1] -> an animated WEBP."""
+    from PIL import Image
+
+    images = [Image.fromarray((f.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0, lossless=False)
+
+
+def save_sheet(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    """(S, 3, H, W) or (S, H, W) in [0, 1] -> one PNG grid."""
+    from PIL import Image
+
+    if images.ndim == 3:
+        images = images[:, None].expand(-1, 3, -1, -1)
+    S, _, H, W = images.shape
+    rows = (S + columns - 1) // columns
+    sheet = torch.zeros(3, rows * H, min(S, columns) * W)
+    for i, image in enumerate(images.cpu()):
+        r, c = divmod(i, columns)
+        sheet[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = image
+    Image.fromarray((sheet.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)).save(path)
+
+
+def run_stage1(dust3r, photos: torch.Tensor, disparity, out: Path, prefix: str, args) -> "Scene":
+    """DUSt3R pair inference + global alignment; writes the point cloud, cameras and depth maps."""
+    from PIL import Image
+
+    from reconx_core.align import align_views, clean_scene, confidence_masks
+    from reconx_core.dust3r import infer_pairs, prepare_images
+    from reconx_core.export import point_cloud_ply_bytes
+    from reconx_core.preview import depth_preview
+
+    views = prepare_images(photos, size=dust3r.image_size).to(args.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        pairs = infer_pairs(dust3r, views, graph="complete", batch_size=2)
+    t1 = time.perf_counter()
+    scene = clean_scene(align_views(pairs, niter=args.iterations, min_conf_thr=args.min_confidence))
+    t2 = time.perf_counter()
+    log.info("stage 1: pair inference %.1f s, global alignment %.1f s (loss %.5f)", t1 - t0, t2 - t1,
+             scene.info["loss"])
+    min_conf = args.min_confidence if not args.tiny else 1.0  # random weights: confidences barely above 1
+    scene.info["min_conf_thr"] = min_conf
+    valid = confidence_masks(scene.conf, min_conf)
+    colours = scene.images.permute(0, 2, 3, 1)
+    (out / f"{prefix}points.ply").write_bytes(point_cloud_ply_bytes(scene.pts3d[valid], colours[valid]))
+    gt_depth, resize = crop_like_dust3r(torch.from_numpy(ground_truth_depth(disparity.copy())), views.shape[-1],
+                                        views.shape[-2])
+    metrics = evaluate(scene, gt_depth, resize, min_conf)
+    cameras = {"width": scene.cameras.width, "height": scene.cameras.height,
+               "cam_to_world": scene.cameras.cam_to_world.tolist(), "intrinsics": scene.cameras.intrinsics.tolist(),
+               "alignment_loss": float(scene.info["loss"]), "ground_truth_comparison": metrics,
+               "smoke_run_with_random_weights": bool(args.tiny)}
+    (out / f"{prefix}cameras.json").write_text(json.dumps(cameras, indent=1))
+    strip = torch.cat(list(depth_preview(scene.depths, valid).cpu()), dim=1)
+    Image.fromarray((strip.numpy() * 255).astype(np.uint8)).save(out / f"{prefix}depth.png")
+    log.info("vs ground truth: depth abs-rel %.3f, focal %.1f px (truth %.1f), relative rotation %.2f deg, "
+             "baseline %.0f mm (truth %.0f) at %.1f deg from the x axis",
+             metrics["depth_abs_rel"], metrics["focal_px"], metrics["focal_gt_px"], metrics["relative_rotation_deg"],
+             metrics["baseline_mm"], BASELINE_MM, metrics["baseline_angle_to_x_deg"])
+    return scene
+
+
+def run_stages2to5(dust3r, video, scene, out: Path, prefix: str, args) -> None:
+    """Structure tokens -> interpolation -> confidence mapping -> 3DGS -> fly-through."""
+    from reconx_core.camera_path import interpolate_cameras
+    from reconx_core.confidence import map_confidence
+    from reconx_core.framing import crop_resize, median_depths
+    from reconx_core.gaussians import fit_gaussians, init_from_points, render, save_ply
+    from reconx_core.structure import scene_points
+    from reconx_core.types import Views
+    from reconx_core.video import interpolate, reference_frame_indices
+
+    height, width = video.config["resolution"]
+    refs, ref_cameras = crop_resize(scene.images, scene.cameras, height, width)
+    structure = None
+    if video.structure_encoder is not None:
+        with torch.no_grad():
+            points = scene_points(scene, max_points=args.structure_points, min_conf=scene.info["min_conf_thr"])
+            structure = video.structure_encoder(points.to(video.device))
+    t0 = time.perf_counter()
+    frames = interpolate(video, refs, structure=structure, steps=args.video_steps, frames=args.frames, seed=0)
+    index = torch.as_tensor(reference_frame_indices(refs.shape[0], args.frames), device=frames.device)
+    views = Views(frames=frames, reference_index=index, reference_cameras=ref_cameras.to(frames.device),
+                  info={"reference_depths": median_depths(scene.depths, scene.conf, scene.info["min_conf_thr"])})
+    t1 = time.perf_counter()
+    save_webp(frames, out / f"{prefix}frames.webp", fps=8)
+    save_sheet(frames, out / f"{prefix}frames.png")
+    views = map_confidence(dust3r, views, niter=args.iterations)
+    t2 = time.perf_counter()
+    save_sheet(views.conf, out / f"{prefix}confidence.png")
+    ends = [0, len(views) - 1]
+    keep = views.conf[ends] >= min(0.5, float(views.conf[ends].median()))
+    init = init_from_points(views.pts3d[ends][keep], views.frames[ends].permute(0, 2, 3, 1)[keep],
+                            max_points=args.max_points)
+    gaussians = fit_gaussians(views.frames, views.cameras, conf=views.conf, init=init, steps=args.fit_steps,
+                              weights=(0.8, 0.2, args.lpips_weight), lpips_dirs=[str(REPO / "models" / "reconx")])
+    t3 = time.perf_counter()
+    save_ply(gaussians, out / f"{prefix}gaussians.ply")
+    path = interpolate_cameras(views.cameras, args.flythrough_frames)
+    with torch.no_grad():
+        rendered = torch.cat([render(gaussians, path[i]).rgb for i in range(len(path))]).permute(0, 3, 1, 2)
+    save_webp(rendered, out / f"{prefix}flythrough.webp", fps=12)
+    log.info("stages 2-5: interpolation %.1f s (%d frames), confidence mapping %.1f s (mean %.2f), "
+             "3DGS fit %.1f s (%d Gaussians, %d steps)", t1 - t0, len(frames), t2 - t1, float(views.conf.mean()),
+             t3 - t2, len(gaussians), args.fit_steps)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", help="a DUSt3R checkpoint (.pth or .safetensors)")
+    parser.add_argument("--video-weights", help="DynamiCrafter 512 interp (model.ckpt or .safetensors)")
+    parser.add_argument("--structure-weights", help="optional ReconX structure-branch .safetensors")
+    parser.add_argument("--tiny", action="store_true", help="smoke run with tiny random-weight models")
+    parser.add_argument("--stage1-only", action="store_true", help="stop after the DUSt3R global alignment")
     parser.add_argument("--out", default=str(REPO / "out"), help="output folder (default: out/)")
     parser.add_argument("--iterations", type=int, default=300, help="global-alignment steps (default 300)")
     parser.add_argument("--min-confidence", type=float, default=3.0)
+    parser.add_argument("--frames", type=int, default=16, help="frames per interpolated segment")
+    parser.add_argument("--video-steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--fit-steps", type=int, default=1000, help="3DGS steps")
+    parser.add_argument("--lpips-weight", type=float, default=0.5)
+    parser.add_argument("--max-points", type=int, default=300_000)
+    parser.add_argument("--structure-points", type=int, default=65536)
+    parser.add_argument("--flythrough-frames", type=int, default=48)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from skimage.data import stereo_motorcycle
 
-    from reconx_core.align import align_views
-    from reconx_core.dust3r import infer_pairs, load_dust3r, prepare_images
-    from reconx_core.export import point_cloud_ply_bytes
-    from reconx_core.preview import depth_preview
+    from reconx_core.dust3r import load_dust3r
+    from reconx_core.video import load_video_model
 
-    weights = find_weights(args.weights)
-    device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     left, right, disparity = stereo_motorcycle()
     photos = torch.from_numpy(np.stack([left, right])).permute(0, 3, 1, 2).float() / 255.0
+    device = torch.device(args.device)
+    if args.tiny:
+        import tempfile
+
+        from reconx_core.tiny import write_tiny_models
+
+        log.info("SMOKE RUN with tiny random-weight models: the outputs are noise, not a reconstruction")
+        args.iterations, args.frames, args.video_steps = min(args.iterations, 50), 4, min(args.video_steps, 3)
+        args.fit_steps, args.lpips_weight, args.flythrough_frames = min(args.fit_steps, 30), 0.0, 8
+        args.max_points = min(args.max_points, 5000)
+        paths = write_tiny_models(tempfile.mkdtemp(prefix="reconx-tiny-"))
+        dust3r_path, video_path, branch = paths["dust3r"], paths["video"], paths["structure_branch"]
+        prefix = "tiny_motorcycle_"
+    else:
+        dust3r_path = find_weights(args.weights)
+        video_path = None if args.stage1_only else find_video_weights(args.video_weights)
+        branch = args.structure_weights
+        prefix = "motorcycle_"
 
     t0 = time.perf_counter()
-    model = load_dust3r(str(weights), device=device).eval()
-    views = prepare_images(photos, size=getattr(model, "image_size", 512)).to(device)
-    log.info("loaded %s in %.1f s; views %s", weights.name, time.perf_counter() - t0, tuple(views.shape))
-    t1 = time.perf_counter()
-    with torch.inference_mode():
-        pairs = infer_pairs(model, views, graph="complete", batch_size=2)
-    t2 = time.perf_counter()
-    scene = align_views(pairs, niter=args.iterations, min_conf_thr=args.min_confidence)
-    t3 = time.perf_counter()
-    log.info("pair inference %.1f s, global alignment %.1f s (loss %.5f)", t2 - t1, t3 - t2, scene.info["loss"])
-
-    valid = scene.conf > args.min_confidence
-    colours = scene.images.permute(0, 2, 3, 1)
-    (out / "motorcycle_points.ply").write_bytes(point_cloud_ply_bytes(scene.pts3d[valid], colours[valid]))
-    gt_depth, resize = crop_like_dust3r(torch.from_numpy(ground_truth_depth(disparity.copy())), views.shape[-1])
-    metrics = evaluate(scene, gt_depth, resize)
-    cameras = {"width": scene.cameras.width, "height": scene.cameras.height,
-               "cam_to_world": scene.cameras.cam_to_world.tolist(), "intrinsics": scene.cameras.intrinsics.tolist(),
-               "alignment_loss": float(scene.info["loss"]), "ground_truth_comparison": metrics}
-    (out / "motorcycle_cameras.json").write_text(json.dumps(cameras, indent=1))
-    from PIL import Image
-
-    strip = torch.cat(list(depth_preview(scene.depths, valid).cpu()), dim=1)
-    Image.fromarray((strip.numpy() * 255).astype(np.uint8)).save(out / "motorcycle_depth.png")
-    log.info("wrote %s: %d points", out / "motorcycle_points.ply", int(valid.sum()))
-    log.info("vs ground truth: depth abs-rel %.3f, focal %.1f px (truth %.1f), relative rotation %.2f deg, "
-             "baseline %.0f mm (truth %.0f) at %.1f deg from the x axis",
-             metrics["depth_abs_rel"], metrics["focal_px"], metrics["focal_gt_px"], metrics["relative_rotation_deg"],
-             metrics["baseline_mm"], BASELINE_MM, metrics["baseline_angle_to_x_deg"])
+    dust3r = load_dust3r(str(dust3r_path), device=device).eval()
+    log.info("loaded %s in %.1f s", Path(dust3r_path).name, time.perf_counter() - t0)
+    scene = run_stage1(dust3r, photos, disparity, out, prefix, args)
+    if not args.stage1_only:
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+        video = load_video_model(video_path, device=device, dtype=dtype, structure_path=branch,
+                                 offload=device.type == "cuda")
+        run_stages2to5(dust3r, video, scene, out, prefix, args)
+    log.info("outputs in %s: %s", out, ", ".join(sorted(p.name for p in out.glob(prefix + "*"))))
     return 0
 
 

@@ -282,3 +282,20 @@ def test_map_confidence_smoke_with_tiny_dust3r():
     totals = {t for _, t in steps}
     assert len(totals) == 1 and [s for s, _ in steps] == sorted(s for s, _ in steps)
     assert max(s for s, _ in steps) == totals.pop() - 1
+
+
+def test_coinciding_reference_centres_take_the_scale_from_depths():
+    """A camera turning on the spot: centres carry no scale; the references' depths do."""
+    from reconx_core.confidence import reference_similarity
+
+    rot = roma.rotvec_to_rotmat(torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.4, 0.0]], dtype=torch.float64))
+    known = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    known[:, :3, :3] = rot
+    known[:, :3, 3] = torch.tensor([1.0, 2.0, 3.0])
+    aligned = known.clone()
+    aligned[:, :3, 3] = 0.0
+    with pytest.raises(InputError, match="one camera centre"):
+        reference_similarity(aligned, known)
+    scale, R, t = reference_similarity(aligned, known, depth_scale=2.5)
+    assert scale == 2.5 and torch.allclose(R, torch.eye(3, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(t, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))

@@ -6,8 +6,13 @@ integer coordinates, default principal point (W/2, H/2), quaternions XYZW (roma'
 
 from __future__ import annotations
 
+import logging
+import math
+
 import roma
 import torch
+
+log = logging.getLogger("reconx.align")
 
 
 def signed_log1p(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +81,9 @@ def estimate_focal_weiszfeld(pts_cam: torch.Tensor, pp: torch.Tensor | None = No
     Minimises sum_k | (u_k - pp) - f * (x_k, y_k) / z_k | over f, starting from the L2 closed form and
     re-weighting by the inverse residual 10 times, as DUSt3R's `estimate_focal_knowing_depth(focal_mode='weiszfeld')`.
     pts_cam: (B, H, W, 3) points in each view's own camera frame; pp: (B, 2) or None for (W/2, H/2).
-    Returns (B,) focals in pixels, same dtype as the points.
+    Returns (B,) focals in pixels, same dtype as the points. Where the point map explains no focal (a degenerate
+    or untrained network: NaN, negative or vanishing estimates) the focal of a 60 degree field of view is returned
+    instead, DUSt3R's own reference focal, so that the alignment starts from a usable camera.
     """
     B, H, W, _ = pts_cam.shape
     if pp is None:
@@ -91,6 +98,12 @@ def estimate_focal_weiszfeld(pts_cam: torch.Tensor, pp: torch.Tensor | None = No
         dist = (pixels - focal.view(-1, 1, 1) * xy_over_z).norm(dim=-1)
         weight = dist.clip(min=1e-8).reciprocal()
         focal = (weight * dot_xy_px).mean(dim=1) / (weight * dot_xy_xy).mean(dim=1)
+    focal_base = max(H, W) / (2 * math.tan(math.radians(60) / 2))
+    unusable = ~torch.isfinite(focal) | (focal < 0.05 * focal_base)
+    if unusable.any():
+        log.warning("%d of %d point maps give no usable focal length; using a 60 degree field of view for them",
+                    int(unusable.sum()), B)
+        focal = torch.where(unusable, torch.full_like(focal, focal_base), focal)
     return focal
 
 
