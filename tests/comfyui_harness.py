@@ -101,15 +101,25 @@ class ComfyServer:
         with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{path}", timeout=30) as response:
             return json.loads(response.read())
 
-    def run_example(self, name: str, timeout: int = 900) -> dict:
-        """Run example_workflows/NAME.json (made small); returns {"rc", "history", "log"}."""
+    def run_example(self, name: str, timeout: int = 900, structure: bool = False) -> dict:
+        """Run example_workflows/NAME.json (made small); returns {"rc", "history", "log"}.
+
+        structure: un-bypass ReconX Encode Point Cloud and load the tiny structure branch (structure guidance).
+        """
         workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+        if structure:
+            for node in workflow["nodes"]:
+                if node["type"] == "ReconXEncodePointCloud":
+                    node["mode"] = 0
+                if node["type"] == "ReconXVideoModelLoader":
+                    node["widgets_values"][1] = self.names["structure_branch"]
         specs = node_specs()
         names = dict(self.names, photos=["left.png", "right.png", "third.png"], last_photo="third.png")
         prompt = ui_to_api(workflow, specs)
         for node_id in sorted(prompt, key=int):
             node = prompt[node_id]
             node["inputs"] = small_run_overrides(node["class_type"], node["inputs"], names)
+        name = name + ("_structure" if structure else "")
         api_file = self.work / f"{name}.api.json"
         api_file.write_text(json.dumps(prompt, indent=1))
         history_file = self.work / f"{name}.history.json"

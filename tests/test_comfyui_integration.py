@@ -45,3 +45,10 @@ def test_example_workflow_runs(server, name):
         if node["type"] == "SaveAnimatedWEBP":
             prefix = node["widgets_values"][0]
             assert list(server.output.glob(prefix + "*.webp")), f"no {prefix}*.webp in {server.output}"
+
+
+def test_structure_guided_pipeline_runs(server):
+    """The two-view pipeline with the structure branch switched on (tiny branch weights, non-zero gates)."""
+    result = server.run_example("reconx_two_views", structure=True)
+    assert result["rc"] == 0, result["log"][-4000:]
+    assert "executing node 8" in result["log"]  # ReconX Encode Point Cloud ran
