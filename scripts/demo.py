@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -53,20 +54,25 @@ FOCAL_PX, BASELINE_MM, DISPARITY_OFFSET = 994.978, 193.001, 31.086
 log = logging.getLogger("reconx.demo")
 
 
-def find_weights(path: str | None) -> Path:
-    """The DUSt3R checkpoint: the given path, the models folder, or a download into it (never half-written)."""
+def find_weights(path: str | None, models_dir: Path) -> Path:
+    """The DUSt3R checkpoint: the given path, the models folder, or a download into it (never half-written).
+
+    RECONX_NO_DOWNLOAD=1 skips the download attempt (tests, offline machines).
+    """
     if path:
         weights = Path(path)
         if not weights.is_file():
             raise SystemExit(f"error: --weights {weights} does not exist")
         return weights
-    folder = REPO / "models" / "dust3r"
+    folder = models_dir / "dust3r"
     weights = folder / DUST3R_FILE
     if weights.is_file():
         return weights
     folder.mkdir(parents=True, exist_ok=True)
     partial = weights.with_suffix(".part")
     try:
+        if os.environ.get("RECONX_NO_DOWNLOAD") == "1":
+            raise OSError("downloads are switched off (RECONX_NO_DOWNLOAD=1)")
         log.info("downloading %s (2.1 GB) ...", DUST3R_URL)
         with urllib.request.urlopen(DUST3R_URL, timeout=15) as response, open(partial, "wb") as out:
             shutil.copyfileobj(response, out, length=1 << 22)
@@ -82,9 +88,9 @@ def find_weights(path: str | None) -> Path:
             f"  (licence CC BY-NC-SA 4.0; or pass another checkpoint with make demo ARGS=\"--weights PATH\")")
 
 
-def find_video_weights(path: str | None) -> Path:
+def find_video_weights(path: str | None, models_dir: Path) -> Path:
     """DynamiCrafter-512-interp: the given path or models/reconx; never downloaded (10 GB), the error says where."""
-    weights = Path(path) if path else REPO / "models" / "reconx" / VIDEO_FILE
+    weights = Path(path) if path else models_dir / "reconx" / VIDEO_FILE
     if weights.is_file():
         return weights
     raise SystemExit(
@@ -233,7 +239,8 @@ def run_stages2to5(dust3r, video, scene, out: Path, prefix: str, args) -> None:
     init = init_from_points(views.pts3d[ends][keep], views.frames[ends].permute(0, 2, 3, 1)[keep],
                             max_points=args.max_points)
     gaussians = fit_gaussians(views.frames, views.cameras, conf=views.conf, init=init, steps=args.fit_steps,
-                              weights=(0.8, 0.2, args.lpips_weight), lpips_dirs=[str(REPO / "models" / "reconx")])
+                              weights=(0.8, 0.2, args.lpips_weight),
+                              lpips_dirs=[str(Path(args.models_dir) / "reconx")])
     t3 = time.perf_counter()
     save_ply(gaussians, out / f"{prefix}gaussians.ply")
     path = interpolate_cameras(views.cameras, args.flythrough_frames)
@@ -253,6 +260,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="smoke run with tiny random-weight models")
     parser.add_argument("--stage1-only", action="store_true", help="stop after the DUSt3R global alignment")
     parser.add_argument("--out", default=str(REPO / "out"), help="output folder (default: out/)")
+    parser.add_argument("--models-dir", default=str(REPO / "models"),
+                        help="folder holding dust3r/ and reconx/ (default: models/)")
     parser.add_argument("--iterations", type=int, default=300, help="global-alignment steps (default 300)")
     parser.add_argument("--min-confidence", type=float, default=3.0)
     parser.add_argument("--frames", type=int, default=16, help="frames per interpolated segment")
@@ -289,8 +298,8 @@ def main() -> int:
         dust3r_path, video_path, branch = paths["dust3r"], paths["video"], paths["structure_branch"]
         prefix = "tiny_motorcycle_"
     else:
-        dust3r_path = find_weights(args.weights)
-        video_path = None if args.stage1_only else find_video_weights(args.video_weights)
+        dust3r_path = find_weights(args.weights, Path(args.models_dir))
+        video_path = None if args.stage1_only else find_video_weights(args.video_weights, Path(args.models_dir))
         branch = args.structure_weights
         prefix = "motorcycle_"
 
