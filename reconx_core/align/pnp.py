@@ -112,6 +112,12 @@ def solve_pnp(points: torch.Tensor, pixels: torch.Tensor, focal: float, pp, *, r
     return world_to_cam, n_inliers
 
 
+# A pose has 6 degrees of freedom: this many well-spread correspondences pin it down far below the optimiser's
+# first step, and keep the float64 solve cheap at 512x384 (200k pixels a view). Fewer pixels than this (all
+# fixture-sized maps) are used as they are, so the init stays identical to the official one there.
+MAX_PNP_POINTS = 16384
+
+
 def pnp_camera_pose(pts_world: torch.Tensor, mask: torch.Tensor, focal: Optional[float] = None, pp=None):
     """Pose (and focal if unknown) of a view whose world point map is known, like the official `fast_pnp`.
 
@@ -119,6 +125,7 @@ def pnp_camera_pose(pts_world: torch.Tensor, mask: torch.Tensor, focal: Optional
     focal: pixels, or None to try 21 focals in [max(H, W)/2, 3 max(H, W)] (geometric) and keep the one with
     the most inliers. pp: (cx, cy) or None for (W/2, H/2).
     Returns (focal, cam_to_world (4, 4) float32 on the points' device) or None if it cannot be solved.
+    Masks of more than MAX_PNP_POINTS pixels are subsampled evenly.
     """
     H, W, _ = pts_world.shape
     if int(mask.sum()) < 4:
@@ -127,6 +134,9 @@ def pnp_camera_pose(pts_world: torch.Tensor, mask: torch.Tensor, focal: Optional
         pp = (W / 2, H / 2)
     pixels = pixel_grid(H, W, pts_world.device)[mask]
     points = pts_world[mask]
+    if points.shape[0] > MAX_PNP_POINTS:  # an even stride keeps the sample spread over the whole image
+        pick = torch.linspace(0, points.shape[0] - 1, MAX_PNP_POINTS, device=points.device).round().long()
+        pixels, points = pixels[pick], points[pick]
     if focal is None:
         size = max(W, H)
         candidates = torch.logspace(math.log10(size / 2), math.log10(size * 3), 21, dtype=torch.float64).tolist()
