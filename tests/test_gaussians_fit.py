@@ -2,6 +2,11 @@
 
 No LPIPS backbone weights exist offline, so the quality tests fit with weights (0.8, 0.2, 0): LPIPS weight 0.
 The LPIPS path itself is tested with a random backbone (pnet_rand) and with a backbone file we write ourselves.
+
+The fits run single-threaded (restored afterwards): they are thousands of small ops, and on the shared 2-core
+build machines every multi-threaded op waits at an OpenMP barrier for a thread another job has descheduled.
+Measured there under load: this file took 487 s with 2 threads and 40 s with 1; on an idle machine 1 thread
+costs ~20% on these sizes.
 """
 
 import os
@@ -10,12 +15,20 @@ import pytest
 import torch
 
 from reconx_core.errors import InputError, ResourceError
-from reconx_core.gaussians import fit_gaussians, init_from_scene, load_lpips, render
+from reconx_core.gaussians import fit_gaussians, init_from_scene, load_lpips, render, ssim_map
 from tests.synthetic_textured import arc_cameras, make_scene, psnr, render_exact
 
 H, W = 48, 72
 TRAIN_ANGLES = [-0.35 + 0.7 * k / 5 for k in range(6)]
 TEST_ANGLES = [-0.21, 0.07, 0.21]   # between training views
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +82,21 @@ def test_lpips_plumbing_with_random_backbone(data):
     init = init_from_scene(train, max_points=1500)
     g = fit_gaussians(train.images, train.cameras, init=init, steps=40, weights=(0.8, 0.2, 0.5), lpips_random=True)
     assert heldout_psnr(g, test_cams, test_images) > heldout_psnr(init, test_cams, test_images) + 3
+
+
+def test_ssim_map_matches_kornia():
+    kornia = pytest.importorskip("kornia")
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        a = torch.rand(2, 3, 30, 44, generator=g).to(dtype)
+        b = 0.5 * a + 0.5 * torch.rand(2, 3, 30, 44, generator=g).to(dtype)
+        a.requires_grad_(True)
+        ours = ssim_map(a, b)
+        ref = kornia.metrics.ssim(a, b, 11, max_val=1.0).mean(1)
+        assert ours.shape == (2, 30, 44) and 0.2 < ref.mean() < 0.95
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+        (g_ours,), (g_ref,) = torch.autograd.grad(ours.sum(), a), torch.autograd.grad(ref.sum(), a)
+        torch.testing.assert_close(g_ours, g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=1e-4)
 
 
 def test_lpips_missing_backbone_is_a_clear_error(tmp_path, monkeypatch):

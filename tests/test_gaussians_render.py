@@ -203,13 +203,23 @@ def test_render_matches_brute_force(tile_size):
     torch.testing.assert_close(ours.depth[solid], depth[solid], atol=1e-4, rtol=1e-5)
 
 
-def test_render_gradients_match_brute_force():
+@pytest.mark.parametrize("saved", ["all", "some", "none"])
+def test_render_gradients_match_brute_force(saved, monkeypatch):
+    """Gradients of the hand-written backward, with the forward's tensors kept, partly kept or recomputed."""
+    import reconx_core.gaussians.rasterize_torch as rt
+
+    budget = {"all": None, "some": 1 << 13, "none": 0}[saved]
+    if budget is not None:
+        monkeypatch.setattr(rt, "SAVE_ELEMS", budget)
+    calls = []
+    chunk_weights = rt._chunk_weights
+    monkeypatch.setattr(rt, "_chunk_weights", lambda *a: calls.append(a[3]) or chunk_weights(*a))
     torch.manual_seed(0)
     base = random_gaussians(60, seed=3, scale=0.08, sh_degree=1)
     base.opacity_logits[:10] = 6.0
     cams = look_at_cameras(1, 24, 20)
     weights = torch.rand(1, 20, 24, 3)
-    grads = []
+    grads, outs = [], []
     for fn in (lambda g: render(g, cams, backend="torch", chunk_elems=1 << 12),
                lambda g: brute_force_render(g, cams)):
         leaves = [t.detach().clone().requires_grad_() for t in
@@ -218,6 +228,16 @@ def test_render_gradients_match_brute_force():
         rgb, alpha, depth = (out.rgb, out.alpha, out.depth) if hasattr(out, "rgb") else out
         ((rgb * weights).sum() + alpha.sum() * 0.3 + (depth * alpha).sum() * 0.1).backward()
         grads.append([t.grad for t in leaves])
+        outs.append((rgb.detach(), alpha.detach()))
+    # The forward that keeps tensors for the backward renders the same image as the plain one.
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-4, rtol=0)
+    # Each chunk's backward tensors are made once: in the forward when kept (True), else in the backward, after a
+    # forward that skipped them (False).
+    n_chunks, recomputed = calls.count(True), calls.count(False)
+    assert n_chunks >= 4, "the test needs several chunks"
+    assert {"all": recomputed == 0, "some": 0 < recomputed < n_chunks, "none": recomputed == n_chunks}[saved], \
+        (saved, n_chunks, recomputed)
     for name, a, b in zip(("means", "quats", "log_scales", "opacity", "sh"), *grads):
         scale = b.abs().max()
         assert scale > 0, name

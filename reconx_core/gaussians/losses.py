@@ -1,7 +1,8 @@
 """Photometric losses of the fit: per-pixel L1 and SSIM maps, a spatial LPIPS map, and the LPIPS loader.
 
-SSIM comes from kornia (always present under ComfyUI): `kornia.metrics.ssim` with an 11x11 Gaussian window
-(sigma 1.5), the 3DGS setting, returns the per-pixel map that the confidence weights.
+SSIM is kornia's `kornia.metrics.ssim` (11x11 Gaussian window, sigma 1.5, the 3DGS setting) re-written with all
+five local moments in one pair of separable depthwise convolutions (tested against kornia); it returns the
+per-pixel map that the confidence weights.
 LPIPS comes from the `lpips` package with spatial=True (a per-pixel map, upsampled to the image size), so the
 confidence weights it per pixel like the other two terms. Its torchvision backbone is never downloaded: we look
 for the exact file in the torch hub cache and the caller's folders and load it with weights_only=True.
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ResourceError
 
@@ -27,11 +29,35 @@ LPIPS_BACKBONES = {
 }
 
 
-def ssim_map(pred: torch.Tensor, target: torch.Tensor, window_size: int = 11) -> torch.Tensor:
-    """Per-pixel SSIM. pred, target: (N, 3, H, W) in [0, 1]. Returns (N, H, W), mean over channels."""
-    import kornia  # part of ComfyUI's requirements and ours; imported here so the renderer does not need it
+def _gaussian_window(size: int, sigma: float, dtype, device) -> torch.Tensor:
+    """(size,) sampled Gaussian, centred, summing to 1 (kornia's get_gaussian_kernel1d)."""
+    x = torch.arange(size, dtype=dtype, device=device) - size // 2
+    g = torch.exp(-x * x / (2.0 * sigma * sigma))
+    return g / g.sum()
 
-    return kornia.metrics.ssim(pred, target, window_size, max_val=1.0).mean(1)
+
+def ssim_map(pred: torch.Tensor, target: torch.Tensor, window_size: int = 11, max_val: float = 1.0,
+             eps: float = 1e-12) -> torch.Tensor:
+    """Per-pixel SSIM, as `kornia.metrics.ssim(pred, target, window_size, max_val)` then the mean over channels.
+
+    pred, target: (N, C, H, W) float in [0, max_val], H and W > window_size // 2. Returns (N, H, W).
+    Gaussian window (sigma 1.5), reflect padding, C1 = (0.01 max_val)^2, C2 = (0.03 max_val)^2, eps added to the
+    denominator. The five local moments are filtered together: one reflect pad and one horizontal and one
+    vertical depthwise convolution over the 5C stacked maps (kornia filters each moment separately).
+    """
+    C = pred.shape[1]
+    g = _gaussian_window(window_size, 1.5, pred.dtype, pred.device)
+    x = torch.cat([pred, target, pred * pred, target * target, pred * target], 1)      # (N, 5C, H, W)
+    p = window_size // 2
+    x = F.pad(x, (p, p, p, p), mode="reflect")
+    x = F.conv2d(x, g.reshape(1, 1, 1, -1).expand(5 * C, 1, 1, window_size), groups=5 * C)
+    x = F.conv2d(x, g.reshape(1, 1, -1, 1).expand(5 * C, 1, window_size, 1), groups=5 * C)
+    mu1, mu2, e11, e22, e12 = x.split(C, 1)
+    mu1_sq, mu2_sq, mu12 = mu1 * mu1, mu2 * mu2, mu1 * mu2
+    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
+    num = (2.0 * mu12 + c1) * (2.0 * (e12 - mu12) + c2)
+    den = (mu1_sq + mu2_sq + c1) * ((e11 - mu1_sq) + (e22 - mu2_sq) + c2)
+    return (num / (den + eps)).mean(1)
 
 
 def lpips_search_dirs(extra_dirs: Iterable = ()) -> list:

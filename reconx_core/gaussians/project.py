@@ -66,7 +66,10 @@ def project_gaussians(means: torch.Tensor, quats: torch.Tensor, scales: torch.Te
     """
     R, t = world_to_cam[:3, :3], world_to_cam[:3, 3]
     mc = means @ R.T + t                                   # (N, 3) camera frame
-    cov_c = R @ covariance_3d(quats, scales) @ R.T         # (N, 3, 3)
+    # Camera-frame covariance V V^T with V = R_cam R(q) diag(s); V's columns come from one (3N, 3) @ (3, 3)
+    # product (batched 3x3 matmuls are slow on the CPU, ~1 ms each for 20k Gaussians).
+    M = quat_to_rotmat(quats) * scales[:, None, :]        # (N, 3, 3), columns R(q)_j s_j
+    V = (M.transpose(1, 2).reshape(-1, 3) @ R.T).reshape(-1, 3, 3)   # (N, 3 columns, 3 camera coordinates)
     fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
     tx, ty, tz = mc.unbind(-1)
     tz_safe = torch.where(tz.abs() > 1e-6, tz, torch.full_like(tz, 1e-6))
@@ -76,13 +79,12 @@ def project_gaussians(means: torch.Tensor, quats: torch.Tensor, scales: torch.Te
     tan_fx, tan_fy = 0.5 * width / fx, 0.5 * height / fy
     ux = (tx / tz_safe).clamp(min=-(cxg / fx + 0.3 * tan_fx), max=(width - cxg) / fx + 0.3 * tan_fx)
     uy = (ty / tz_safe).clamp(min=-(cyg / fy + 0.3 * tan_fy), max=(height - cyg) / fy + 0.3 * tan_fy)
-    zero = torch.zeros_like(tz)
-    J = torch.stack([fx / tz_safe, zero, -fx * ux / tz_safe,
-                     zero, fy / tz_safe, -fy * uy / tz_safe], dim=-1).reshape(-1, 2, 3)
-    cov2d = J @ cov_c @ J.transpose(-1, -2)
-    a = cov2d[:, 0, 0] + eps2d
-    b = 0.5 * (cov2d[:, 0, 1] + cov2d[:, 1, 0])
-    c = cov2d[:, 1, 1] + eps2d
+    # Jacobian J = [[fx / z, 0, -fx ux / z], [0, fy / z, -fy uy / z]]; the rows of J V, then cov2d = (J V)(J V)^T.
+    jv0 = (fx / tz_safe)[:, None] * (V[..., 0] - ux[:, None] * V[..., 2])     # (N, 3)
+    jv1 = (fy / tz_safe)[:, None] * (V[..., 1] - uy[:, None] * V[..., 2])
+    a = (jv0 * jv0).sum(-1) + eps2d
+    b = (jv0 * jv1).sum(-1)
+    c = (jv1 * jv1).sum(-1) + eps2d
     det = (a * c - b * b).clamp_min(1e-10)
     conics = torch.stack([c / det, -b / det, a / det], dim=-1)
     means2d = torch.stack([fx * tx / tz_safe + cx, fy * ty / tz_safe + cy], dim=-1)

@@ -46,7 +46,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 def render(gaussians: Gaussians, cameras: Cameras, backend: str = "auto", background: Optional[torch.Tensor] = None,
            near: float = 0.01, far: float = 1e10, sh_degree: Optional[int] = None, eps2d: float = 0.3,
-           tile_size: int = 8, chunk_elems: int = 1 << 22, callback=None) -> RenderOutput:
+           tile_size: int = 8, chunk_elems: int = 1 << 19, callback=None) -> RenderOutput:
     """Render Gaussians into every camera, differentiably.
 
     gaussians: raw parameters (DESIGN.md), world frame.  cameras: N OpenCV cameras, images W x H.
