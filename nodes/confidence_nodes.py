@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from reconx_core.errors import InputError
 from reconx_core.types import Views
 

@@ -9,7 +9,7 @@ import torch
 from reconx_core.errors import InputError
 
 from . import comfy_bridge as bridge
-from .convert import confidence_to_mask, image_to_comfy, image_to_core
+from .convert import confidence_to_mask, image_to_core
 
 log = logging.getLogger("reconx")
 

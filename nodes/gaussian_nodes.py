@@ -12,7 +12,7 @@ from reconx_core.errors import InputError
 from reconx_core.types import Cameras, Gaussians, Scene, Views
 
 from . import comfy_bridge as bridge
-from .convert import image_to_comfy, image_to_core
+from .convert import image_to_core
 
 log = logging.getLogger("reconx")
 CATEGORY = "ReconX"

@@ -166,7 +166,7 @@ def save_sheet(images: torch.Tensor, path: Path, columns: int = 8) -> None:
     Image.fromarray((sheet.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)).save(path)
 
 
-def run_stage1(dust3r, photos: torch.Tensor, disparity, out: Path, prefix: str, args) -> "Scene":
+def run_stage1(dust3r, photos: torch.Tensor, disparity, out: Path, prefix: str, args):
     """DUSt3R pair inference + global alignment; writes the point cloud, cameras and depth maps."""
     from PIL import Image
 

@@ -19,13 +19,7 @@ OFFICIAL_FINAL_LOSS = 0.0240842  # fixture JSON final_loss_returned
 GT_MARGIN = 1.05  # our errors vs ground truth may be at most 5 % above the official ones
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The fixture was recorded with 1 thread (bitwise reproducible backward); restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import torch
 
 from reconx_core.camera_path import interpolate_cameras, orbit_cameras, quat_to_rotmat, rotmat_to_quat, slerp
 from reconx_core.errors import InputError
-from reconx_core.types import Cameras
 from tests.synthetic_textured import arc_cameras
 
 

@@ -23,13 +23,7 @@ CENTRE_TOL = 0.005  # relative to the distance between the two reference camera 
 FOCAL_TOL = 0.005
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is much faster than two on a shared CPU (no oversubscription); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def _path_cameras(n: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ Measured there under load: this file took 487 s with 2 threads and 40 s with 1; 
 costs ~20% on these sizes.
 """
 
-import os
 
 import pytest
 import torch
@@ -23,12 +22,7 @@ TRAIN_ANGLES = [-0.35 + 0.7 * k / 5 for k in range(6)]
 TEST_ANGLES = [-0.21, 0.07, 0.21]   # between training views
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ with per-pixel L1 and SSIM maps and a spatial LPIPS map, each weighted by the sa
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch

@@ -11,7 +11,6 @@ for the exact file in the torch hub cache and the caller's folders and load it w
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Iterable

@@ -10,7 +10,6 @@ that frame; gsplat's equal ours minus 0.5 when it is given cx + 0.5, cy + 0.5.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
