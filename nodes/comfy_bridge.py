@@ -1,8 +1,8 @@
 """The one place the pack talks to ComfyUI.
 
 Model folders (folder_paths), devices and offloading (comfy.model_management / ModelPatcher), the progress bar
-and interrupt checks (comfy.utils), native output types (comfy_api SPLAT / File3D) and the output folder all go
-through here. Each has a plain fallback so that the node classes import and run without ComfyUI (CI calls
+and interrupt checks (comfy.utils) and native output types (comfy_api SPLAT / File3D) all go through here. No
+ReconX node writes files: results leave as native types that ComfyUI's own save nodes write. Each has a plain fallback so that the node classes import and run without ComfyUI (CI calls
 them directly); the fallbacks are noted where they differ.
 """
 
@@ -28,13 +28,12 @@ except ImportError:  # a script, a notebook, or CI
     folder_paths = model_management = comfy_utils = None
     HAVE_COMFY = False
 
-MODEL_EXTENSIONS = {".safetensors", ".pth", ".ckpt", ".pt", ".sft"}
+MODEL_EXTENSIONS = {".safetensors", ".pth", ".ckpt", ".pt"}
 # Our model folders under ComfyUI's models/ (DESIGN.md): folder name -> what it holds.
 MODEL_FOLDERS = {"dust3r": "DUSt3R checkpoints", "reconx": "DynamiCrafter-512-interp, structure branch, LPIPS backbones"}
 
 # Without ComfyUI, models live here (override with RECONX_MODELS_DIR).
 _FALLBACK_MODELS_DIR = Path(os.environ.get("RECONX_MODELS_DIR", Path(__file__).resolve().parents[1] / "models"))
-_FALLBACK_OUTPUT_DIR = Path(os.environ.get("RECONX_OUTPUT_DIR", Path(__file__).resolve().parents[1] / "out"))
 
 
 def register_model_folders() -> None:
@@ -85,24 +84,6 @@ def model_path(name: str, filename: str) -> Path:
                 return candidate
     folders = ", ".join(str(f) for f in model_folders(name))
     raise CheckpointError(f"model file '{filename}' not found in models/{name} ({folders}); put it there and refresh")
-
-
-def output_directory() -> Path:
-    if HAVE_COMFY:
-        return Path(folder_paths.get_output_directory())
-    return _FALLBACK_OUTPUT_DIR
-
-
-def safe_output_path(relative: str) -> Path:
-    """Resolve `relative` inside the output folder; refuse anything that escapes it (../, absolute paths)."""
-    from reconx_core.errors import InputError
-
-    root = output_directory().resolve()
-    path = (root / relative).resolve()
-    if root != path and root not in path.parents:
-        raise InputError(f"output path '{relative}' leaves ComfyUI's output folder; use a name relative to it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------- devices
@@ -285,7 +266,7 @@ def make_splat(positions, scales, rotations, opacities, sh):
     opacities (B,N,1) in [0,1], sh (B,N,K,3)."""
     types = _comfy_types()
     cls = types.SPLAT if types is not None and hasattr(types, "SPLAT") else _FallbackSplat
-    return cls(positions, scales, rotations, opacities, sh)
+    return cls(positions=positions, scales=scales, rotations=rotations, opacities=opacities, sh=sh)
 
 
 def make_file3d(data: bytes, file_format: str = "ply"):

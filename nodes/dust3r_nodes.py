@@ -90,7 +90,7 @@ class ReconXDust3rAlign:
               schedule="cosine", min_confidence=3.0, batch_size=8, clean_point_cloud=True):
         import dataclasses
 
-        from reconx_core.align import align_views, clean_scene, confidence_masks
+        from reconx_core.align import align_views, clean_scene, confidence_masks, masked_points
         from reconx_core.dust3r import infer_pairs, make_pair_edges, prepare_images
         from reconx_core.export import point_cloud_ply_bytes
         from reconx_core.preview import depth_preview
@@ -117,8 +117,7 @@ class ReconXDust3rAlign:
         # Later stages (point-cloud encoding, Gaussian init) filter with the same threshold.
         scene = dataclasses.replace(scene, info=dict(scene.info, min_conf_thr=float(min_confidence)))
         valid = confidence_masks(scene.conf, min_confidence)
-        colours = scene.images.permute(0, 2, 3, 1)
-        ply = point_cloud_ply_bytes(scene.pts3d[valid], colours[valid])
+        ply = point_cloud_ply_bytes(*masked_points(scene, min_confidence))
         log.info("aligned %d views (%d pairs): loss %.5f, %d points", len(scene), n_pairs,
                  float(scene.info.get("loss", float("nan"))), int(valid.sum()))
         return (scene, depth_preview(scene.depths, valid), confidence_to_mask(scene.conf),

@@ -189,7 +189,7 @@ class ReconXRenderGaussians:
             "path": (["through cameras", "orbit"], {
                 "default": "through cameras",
                 "tooltip": "through cameras: a smooth path visiting every scene camera in order; orbit: a circle "
-                           "around the scene's centre at the cameras' mean distance and height."}),
+                           "around the scene's centre through the first camera's position."}),
             "frames": ("INT", {"default": 48, "min": 1, "max": 1000, "tooltip": "Number of rendered frames."}),
             "width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
                               "tooltip": "Output width; 0 keeps the scene's."}),
@@ -232,11 +232,10 @@ def scene_center(scene: Scene) -> torch.Tensor:
 
 
 def resize_cameras(cameras, width: int, height: int):
-    """The same cameras at another image size (intrinsics scaled per axis)."""
-    sx, sy = width / cameras.width, height / cameras.height
-    K = cameras.intrinsics.clone()
-    K[:, 0] *= sx
-    K[:, 1] *= sy
+    """The same cameras at another image size (the whole image resized, pixel centres kept consistent)."""
+    from reconx_core.framing import scale_intrinsics
+
+    K = scale_intrinsics(cameras.intrinsics, width / cameras.width, height / cameras.height)
     return Cameras(cameras.cam_to_world, K, width, height)
 
 

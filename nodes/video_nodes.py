@@ -94,11 +94,12 @@ class ReconXEncodePointCloud:
                              "Video Model Loader, or leave the structure input of ReconX Interpolate unconnected")
         points = scene_points(scene, max_points=max_points, min_conf=scene.info.get("min_conf_thr", 3.0))
         progress = bridge.Progress(1)
-        encoder = model.structure_encoder
-        param = next(encoder.parameters())
-        with torch.no_grad():
-            tokens = encoder(points.to(model.device, param.dtype), callback=progress.phase(1))
-        managed.release()
+        try:
+            # with staged offload the weights live on the offload device until their stage runs
+            with torch.no_grad(), model.stage(model.structure_encoder) as encoder:
+                tokens = encoder(points.to(model.device), callback=progress.phase(1))
+        finally:
+            managed.release()
         return (tokens.to(scene.device),)
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .align import align_views
 from .errors import InputError
+from .framing import scale_intrinsics
 from .types import Cameras, PairPredictions, Scene, Views
 
 log = logging.getLogger(__name__)
@@ -359,11 +360,7 @@ def map_confidence(model, views: Views, *, window: int = 3, reference_links: str
                                       reference_depths=None if ref_depths is None else torch.as_tensor(ref_depths),
                                       callback=progress(n_inf))
     sx, sy = w / W, h / H
-    K = scene.cameras.intrinsics.clone()
-    K[:, 0, 0] /= sx
-    K[:, 1, 1] /= sy
-    K[:, 0, 2] = (K[:, 0, 2] + 0.5) / sx - 0.5
-    K[:, 1, 2] = (K[:, 1, 2] + 0.5) / sy - 0.5
+    K = scale_intrinsics(scene.cameras.intrinsics, 1 / sx, 1 / sy)  # network size -> frame size
     depth = _resize(scene.depths.unsqueeze(1), (H, W)).squeeze(1)
     conf = _resize(scene.conf.unsqueeze(1), (H, W)).squeeze(1).clamp(0, 1)
     v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=device),

@@ -21,6 +21,20 @@ def crop_box(width: int, height: int, target_w: int, target_h: int) -> tuple[int
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def scale_intrinsics(intrinsics: torch.Tensor, sx: float, sy: float, x0: float = 0.0, y0: float = 0.0) -> torch.Tensor:
+    """Intrinsics (N, 3, 3) after cropping at (x0, y0) and resizing by (sx, sy) with align_corners=False.
+
+    Pixel centres sit at integer coordinates, so a pixel u of the crop lands at u' = s (u + 0.5) - 0.5:
+    cx' = sx (cx - x0 + 0.5) - 0.5, fx' = sx fx (and likewise in y). Returns a new tensor.
+    """
+    K = intrinsics.clone()
+    K[:, 0, 0] *= sx
+    K[:, 1, 1] *= sy
+    K[:, 0, 2] = sx * (K[:, 0, 2] - x0 + 0.5) - 0.5
+    K[:, 1, 2] = sy * (K[:, 1, 2] - y0 + 0.5) - 0.5
+    return K
+
+
 def crop_resize(images: torch.Tensor, cameras: Cameras, height: int, width: int) -> tuple[torch.Tensor, Cameras]:
     """Centre-crop to the aspect of (height, width), resize to it, and move the intrinsics along.
 
@@ -38,11 +52,7 @@ def crop_resize(images: torch.Tensor, cameras: Cameras, height: int, width: int)
     sx, sy = width / w, height / h
     resized = cropped if (h, w) == (height, width) else F.interpolate(
         cropped, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    K = cameras.intrinsics.clone()
-    K[:, 0, 0] *= sx
-    K[:, 1, 1] *= sy
-    K[:, 0, 2] = sx * (K[:, 0, 2] - x0 + 0.5) - 0.5
-    K[:, 1, 2] = sy * (K[:, 1, 2] - y0 + 0.5) - 0.5
+    K = scale_intrinsics(cameras.intrinsics, sx, sy, x0, y0)
     return resized.clamp(0, 1), Cameras(cameras.cam_to_world.clone(), K, width, height)
 
 

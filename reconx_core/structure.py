@@ -74,8 +74,15 @@ class FourierEmbedding(nn.Module):
         self.freqs = self._bands(device)
 
     def forward(self, xyz: torch.Tensor) -> torch.Tensor:
-        angles = (xyz[..., None] * self.freqs.to(xyz.dtype)).flatten(-2)
-        return self.proj(torch.cat([xyz, angles.sin(), angles.cos()], dim=-1))
+        """xyz: (B, N, 3) normalised coordinates -> (B, N, dim) in the projection's dtype.
+
+        The angles reach 2^(num_freqs-1) pi: half precision cannot hold them (bf16 loses the top bands entirely),
+        so the features are computed in float32 and cast only for the projection.
+        """
+        xyz32 = xyz.float()
+        angles = (xyz32[..., None] * self.freqs.float()).flatten(-2)
+        features = torch.cat([xyz32, angles.sin(), angles.cos()], dim=-1)
+        return self.proj(features.to(self.proj.weight.dtype))
 
 
 class PointCloudEncoder(nn.Module):
@@ -108,13 +115,12 @@ class PointCloudEncoder(nn.Module):
             raise InputError(f"points must be (B, N, 3) with N >= 1, got {tuple(points.shape)}")
         if not torch.isfinite(points).all():
             raise InputError("points contain NaN or inf; filter them (scene_points does) before encoding")
-        dtype = self.to_q.weight.dtype
         xyz = normalize_points(points.float())
         m = math.ceil(xyz.shape[1] / DOWNSAMPLE)
         idx = farthest_point_sample(xyz, m, callback)
         queries = torch.gather(xyz, 1, idx[..., None].expand(-1, -1, 3))
-        q_emb = self.pos_emb(queries.to(dtype))
-        kv_emb = self.pos_emb(xyz.to(dtype))
+        q_emb = self.pos_emb(queries)
+        kv_emb = self.pos_emb(xyz)
         k, v = self.to_kv(self.norm_kv(kv_emb)).chunk(2, dim=-1)
         k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (k, v))
         q = rearrange(self.to_q(self.norm_q(q_emb)), "b n (h d) -> b h n d", h=self.heads)

@@ -82,7 +82,9 @@ class Cameras:
 
     def __getitem__(self, idx) -> "Cameras":
         if isinstance(idx, int):
-            idx = slice(idx, idx + 1)
+            if not -len(self) <= idx < len(self):
+                raise IndexError(f"camera {idx} out of range for {len(self)} cameras")
+            idx = slice(idx % len(self), idx % len(self) + 1)
         return Cameras(self.cam_to_world[idx], self.intrinsics[idx], self.width, self.height)
 
     def to(self, device=None, dtype=None) -> "Cameras":

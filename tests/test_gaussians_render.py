@@ -263,3 +263,33 @@ def test_render_rejects_bad_backend():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA"):
             render(g, look_at_cameras(1, 8, 8), backend="gsplat")
+
+
+def test_gsplat_errors_after_a_working_first_use_are_not_swallowed(monkeypatch):
+    """A failed first use (no build) falls back to our rasterizer once; later gsplat errors (e.g. a callback
+    interrupt, a real bug) must surface instead of silently switching renderers."""
+    import importlib
+
+    from reconx_core.gaussians import rasterize_gsplat
+    from tests.synthetic_textured import arc_cameras
+
+    render_module = importlib.import_module("reconx_core.gaussians.render")  # the package's `render` is the function
+
+    monkeypatch.setattr(rasterize_gsplat, "_state", {"checked": True, "module": object(), "failed": False,
+                                                     "worked": False})
+    monkeypatch.setattr(render_module, "resolve_backend", lambda backend, device: "gsplat")
+    g = Gaussians(torch.zeros(4, 3) + torch.tensor([0.0, 0.0, 3.0]), torch.tensor([[1.0, 0, 0, 0]]).repeat(4, 1),
+                  torch.full((4, 3), -2.0), torch.zeros(4), torch.zeros(4, 1, 3))
+    cams = arc_cameras([0.0], 16, 12)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("nvcc not found")
+
+    monkeypatch.setattr(rasterize_gsplat, "render_gsplat", broken)
+    out = render_module.render(g, cams)  # first use fails: warn, fall back
+    assert out.rgb.shape == (1, 12, 16, 3) and rasterize_gsplat._state["failed"]
+
+    monkeypatch.setattr(rasterize_gsplat, "_state", {"checked": True, "module": object(), "failed": False,
+                                                     "worked": True})
+    with pytest.raises(RuntimeError, match="nvcc"):
+        render_module.render(g, cams)  # it had worked before: the error is real

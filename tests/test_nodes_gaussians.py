@@ -38,7 +38,7 @@ def test_fit_outputs_native_splat_and_ply():
     assert torch.allclose(loaded.means, splat.positions[0]) and loaded.sh.shape == (n, 4, 3)
 
 
-def test_fit_improves_on_the_initialisation_and_honours_confidence_shape_checks():
+def test_fit_rejects_mismatched_frames_confidences_and_scenes():
     scene = plane_scene(2, 48, 64)
     with pytest.raises(InputError, match="3 frames for 2 scene cameras"):
         fit(scene, frames=torch.rand(3, 48, 64, 3))

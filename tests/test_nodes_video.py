@@ -66,3 +66,24 @@ def test_interpolate_stops_on_interrupt(use_models):
             ReconXInterpolate().interpolate(model, plane_scene(2), "", 3, 7.5, 1.0, 4, 5, 0)
     finally:
         bridge.request_interrupt(False)
+
+
+def test_encoder_runs_inside_its_offload_stage(use_models, monkeypatch):
+    """With staged offload (the default) weights sit on the offload device until `stage` moves them: the node must
+    run the encoder inside its stage, or a GPU run mixes devices."""
+    from reconx_core.video.model import VideoModel
+
+    staged = []
+    original = VideoModel.stage
+
+    def recording_stage(self, module):
+        staged.append(module)
+        return original(self, module)
+
+    monkeypatch.setattr(VideoModel, "stage", recording_stage)
+    (model,) = ReconXVideoModelLoader().load(TINY_VIDEO, TINY_BRANCH, "fp32", "cpu", True)
+    calls = []
+    model.module.structure_encoder.register_forward_pre_hook(
+        lambda module, args: calls.append(module in staged))
+    ReconXEncodePointCloud().encode(plane_scene(2, 48, 64), model, 1024)
+    assert calls == [True]

@@ -183,3 +183,15 @@ def test_tokenizer(tmp_path):
     word_end = lambda c: 256 + ord(c) - ord("!")  # noqa: E731
     assert ids[0, :5].tolist() == [SOT, base + 3, base + 5, word_end("!"), EOT]  # hello</w>, cat</w>, !</w>
     assert ids[1, 76] == EOT and ids[1, 0] == SOT and (ids[1, 1:76] == word_end("x")).all()
+
+
+def test_damaged_safetensors_give_checkpoint_errors(tmp_path):
+    from reconx_core.errors import CheckpointError
+    from reconx_core.video import build_video_model, load_structure_branch, load_video_model, tiny_config
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_video_model(bad)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_structure_branch(build_video_model(tiny_config()), bad)

@@ -18,7 +18,7 @@ from ..types import Cameras, Gaussians, Scene
 from .densify import Densifier
 from .init import init_from_points, init_from_scene
 from .losses import load_lpips, ssim_map
-from .render import render
+from .render import render, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,10 @@ def fit_gaussians(images: torch.Tensor, cameras: Cameras, conf: Optional[torch.T
         pose_opt = torch.optim.Adam([deltas], lr=pose_lr)
     densifier = Densifier(extent=extent, start=max(1, steps // 10), stop=int(steps * 0.7),
                           every=max(1, steps // 10)) if densify else None
+    if densifier is not None and resolve_backend(backend, device) == "gsplat":
+        # our densification reads the torch rasterizer's screen-space gradients; gsplat does not return them here
+        log.info("densification on: rendering with the torch rasterizer (gsplat's strategies are not wired in)")
+        backend = "torch"
     decay = (LR["means_final"] / LR["means"]) ** (1.0 / max(1, steps))
     gen = torch.Generator().manual_seed(seed)
     order: list = []

@@ -65,7 +65,7 @@ def lpips_search_dirs(extra_dirs: Iterable = ()) -> list:
 
 
 def load_lpips(net: str = "alex", extra_dirs: Iterable = (), device="cpu", pnet_rand: bool = False):
-    """An LPIPS module that returns a per-pixel map: module(pred, target) -> (N, 1, H, W), inputs in [0, 1].
+    """An LPIPS module that returns a per-pixel map: module(pred (N,3,H,W), target) -> (N, H, W), inputs in [0, 1].
 
     net: "alex" (fast, the default) or "vgg".
     extra_dirs: more folders holding the torchvision backbone file (the node passes ComfyUI's models/reconx).

@@ -13,7 +13,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_state = {"checked": False, "module": None, "failed": False}
+_state = {"checked": False, "module": None, "failed": False, "worked": False}
 
 
 def gsplat_available() -> bool:
@@ -29,6 +29,15 @@ def gsplat_available() -> bool:
             log.warning("gsplat unavailable (%s); using the torch rasterizer", str(exc).splitlines()[0][:200])
             _state["failed"] = True
     return _state["module"] is not None
+
+
+def mark_worked() -> None:
+    """Remember that gsplat rendered once: from then on its errors are real errors, not a failed build."""
+    _state["worked"] = True
+
+
+def has_worked() -> bool:
+    return _state["worked"]
 
 
 def mark_failed(exc: BaseException) -> None:

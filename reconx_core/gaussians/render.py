@@ -33,7 +33,7 @@ class RenderOutput:
     radii: list = field(default_factory=list)
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in ("auto", "torch", "gsplat"):
         raise InputError(f"unknown render backend {backend!r}; use 'auto', 'torch' or 'gsplat'")
     if backend == "auto":
@@ -69,16 +69,24 @@ def render(gaussians: Gaussians, cameras: Cameras, backend: str = "auto", backgr
     quats, scales, opac = gaussians.quats, gaussians.log_scales.exp(), torch.sigmoid(gaussians.opacity_logits)
     degree = gaussians.sh_degree if sh_degree is None else min(int(sh_degree), gaussians.sh_degree)
 
-    if _resolve_backend(backend, device) == "gsplat":
+    if resolve_backend(backend, device) == "gsplat":
         try:
             rgb, alpha, depth, _ = rasterize_gsplat.render_gsplat(
                 gaussians.means, quats, scales, opac, gaussians.sh, w2c, cameras.intrinsics, cameras.width,
                 cameras.height, background, near, far, degree, eps2d)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            # Only gsplat's first use can fail for lack of a build (nvcc, CUDA_HOME, arch): warn once and use our
+            # rasterizer. Once it has rendered, an error is a real error and must surface.
+            if rasterize_gsplat.has_worked():
+                raise
+            rasterize_gsplat.mark_failed(exc)
+        else:
+            rasterize_gsplat.mark_worked()
             if callback is not None:
                 callback(len(cameras), len(cameras))
             return RenderOutput(rgb, alpha, depth)
-        except Exception as exc:  # first-use JIT build failures: warn once and use our rasterizer
-            rasterize_gsplat.mark_failed(exc)
 
     rgbs, alphas, depths, m2ds, radii = [], [], [], [], []
     cam_centres = cameras.cam_to_world[:, :3, 3]

@@ -138,8 +138,11 @@ def read_state_dict(path: Union[str, Path]) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; put DynamiCrafter_512_Interp's model.ckpt in models/reconx")
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{path.name} is truncated or corrupt ({str(err)[:120]}); download it again") from None
     if path.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path.name}: expected a .ckpt, .pth or .safetensors file")
     try:
@@ -258,10 +261,13 @@ def load_structure_branch(model: VideoModel, path: Union[str, Path]) -> VideoMod
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"structure-branch file {path} not found")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != STRUCTURE_FORMAT:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{path.name} is truncated or corrupt ({str(err)[:120]}); download it again") from None
+    if meta.get("format") != STRUCTURE_FORMAT or "encoder_config" not in meta:
         raise CheckpointError(f"{path.name} is not a ReconX structure-branch file (metadata format missing)")
     config = json.loads(meta["encoder_config"])
     encoder = PointCloudEncoder(**config)
