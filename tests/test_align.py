@@ -16,7 +16,10 @@ from tests.fixtures import load_json, load_tensors
 from tests.synthetic_pairs import errors_vs_gt, make_synthetic_pairs, render_depth
 
 OFFICIAL_FINAL_LOSS = 0.0240842  # fixture JSON final_loss_returned
-GT_MARGIN = 1.05  # our errors vs ground truth may be at most 5 % above the official ones
+# Float32 rounding alone moves the fixture's ground-truth errors after 300 steps by up to ~2 % (measured: 30 runs
+# whose inits differ by 2e-7 relative noise span 0.93-1.02x of the official value on every metric). A single run
+# is held to that spread; `test_ground_truth_errors_no_worse_than_official_over_rounding_noise` holds the mean.
+ROUNDING_SPREAD = 1.02
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -54,19 +57,22 @@ def test_image_confidence_is_official_im_conf(ga):
 
 
 def test_mst_init_matches_official(ga, ga_json):
+    """Same PnP cost as OpenCV's SQPnP and per-edge registration: the official init to float32 rounding."""
     p = _pairs(ga)
     im_conf = image_confidence(p.edges, p.conf_i, p.conf_j, 4)
     params = init_mst(p.edges.tolist(), p.pts_i, p.pts_j_in_i, p.conf_i, p.conf_j, im_conf, 3.0)
     rot, trans = camera_poses(params)
-    assert (rot - ga["init_poses"][:, :3, :3]).abs().max() < 1e-4
-    assert (trans - ga["init_poses"][:, :3, 3]).abs().max() < 1e-4
-    assert torch.allclose(focals_of(params), ga["init_focals"][:, 0], rtol=1e-5)
-    assert torch.allclose(params.im_log_depth.exp().view(4, 32, 48), ga["init_depth"], rtol=2e-4, atol=0)
-    assert torch.allclose(pw_scales(params.pw_log_scale), ga["init_pw_scale"], rtol=1e-4)
-    pw_rot = roma.unitquat_to_rotmat(roma.quat_normalize(params.pw_quat))
-    assert _rot_angle_deg(pw_rot, ga["init_pw_poses"][:, :3, :3] / ga["init_pw_scale"].view(-1, 1, 1)).max() < 1e-2
+    assert (rot - ga["init_poses"][:, :3, :3]).abs().max() < 1e-6
+    assert (trans - ga["init_poses"][:, :3, 3]).abs().max() < 1e-6
+    official = _official_init(ga)
+    for name in ("pw_quat", "pw_log_trans", "pw_log_scale", "im_quat", "im_log_trans", "im_focal"):
+        assert (getattr(params, name) - getattr(official, name)).abs().max() < 2e-7, name
+    assert torch.allclose(params.im_log_depth, official.im_log_depth, rtol=0, atol=1e-6)
+    assert torch.allclose(focals_of(params), ga["init_focals"][:, 0], rtol=1e-6)
+    assert torch.allclose(params.im_log_depth.exp().view(4, 32, 48), ga["init_depth"], rtol=2e-6, atol=0)
+    assert torch.allclose(pw_scales(params.pw_log_scale), ga["init_pw_scale"], rtol=1e-6)
     data = prepare_edges(p.edges, p.pts_i, p.pts_j_in_i, p.conf_i, p.conf_j, 4)
-    assert float(objective(params, data)) == pytest.approx(ga_json["init_loss_after_mst"], rel=1e-5)
+    assert float(objective(params, data)) == pytest.approx(ga_json["init_loss_after_mst"], rel=1e-6)
 
 
 def test_hand_written_gradient_equals_autograd(ga):
@@ -100,43 +106,43 @@ def test_adam_loop_from_official_init_is_as_accurate_as_official(ga, ga_json):
     assert (rot - ga["out_cam2world"][:, :3, :3]).abs().max() < 5e-4
     assert (trans - ga["out_cam2world"][:, :3, 3]).abs().max() < 5e-4
     # as accurate as the official run against the ground truth, on every metric
+    ratios = _ratios_to_official(ga, ga_json, rot, trans, focals_of(params), params.im_log_depth.exp().view(4, 32, 48))
+    assert max(ratios.values()) <= ROUNDING_SPREAD, ratios
+
+
+def _ratios_to_official(ga, ga_json, rot, trans, focals, depth):
+    """Our ground-truth errors over the official ones (lists: their worst entries), per fixture metric.
+
+    rot: (4, 3, 3), trans: (4, 3) cam-to-world; focals: (4,); depth: (4, 32, 48)."""
     c2w = torch.eye(4).repeat(4, 1, 1)
     c2w[:, :3, :3], c2w[:, :3, 3] = rot, trans
-    depth = params.im_log_depth.exp().view(4, 32, 48)
     v, u = torch.meshgrid(torch.arange(32.), torch.arange(48.), indexing="ij")
-    f = focals_of(params).view(4, 1, 1)
+    f = focals.view(4, 1, 1)
     cam = torch.stack(((u - 24) * depth / f, (v - 16) * depth / f, depth), dim=-1)
     pts = cam @ rot[:, None].transpose(-1, -2) + trans[:, None, None]
-    ours = errors_vs_gt(c2w, focals_of(params), depth, pts, ga["gt_cam2world"], ga["gt_focal"], ga["gt_depth"])
-    for key, value in ga_json["errors_vs_gt"].items():
-        if key in ours:
-            mine = max(ours[key]) if isinstance(value, list) else ours[key]
-            assert mine <= GT_MARGIN * (max(value) if isinstance(value, list) else value), key
+    ours = errors_vs_gt(c2w, focals, depth, pts, ga["gt_cam2world"], ga["gt_focal"], ga["gt_depth"])
+    worst = lambda value: max(value) if isinstance(value, list) else value  # noqa: E731
+    return {key: worst(ours[key]) / worst(ref) for key, ref in ga_json["errors_vs_gt"].items() if key in ours}
 
 
 def test_align_views_matches_official_loss_and_ground_truth(ga, ga_json):
     scene = align_views(_pairs(ga), niter=300, lr=0.01, schedule="cosine", init="mst", min_conf_thr=3.0)
     assert scene.info["mode"] == "optimizer" and scene.info["iterations"] == 300
     assert scene.info["loss"] <= 1.01 * OFFICIAL_FINAL_LOSS
+    assert scene.info["loss"] == pytest.approx(ga_json["final_loss_returned"], rel=1e-5)
     curve = scene.info["loss_curve"]
     assert curve.shape == (300,)
     assert abs(float(curve[0]) - float(ga["loss_curve"][0])) < 1e-6  # same init loss
     assert (curve[-50:] - ga["loss_curve"][-50:]).abs().max() < 1e-4
     assert torch.equal(scene.conf, ga["out_im_conf"])
-    ours = errors_vs_gt(scene.cameras.cam_to_world, scene.cameras.focals, scene.depths, scene.pts3d,
-                        ga["gt_cam2world"], ga["gt_focal"], ga["gt_depth"])
-    ref = ga_json["errors_vs_gt"]
-    for key in ("point_err_mean", "depth_abs_rel_after_scale"):
-        assert ours[key] <= GT_MARGIN * ref[key], key
-    for key in ("cam_rot_err_deg", "focal_rel_err"):
-        assert max(ours[key]) <= GT_MARGIN * max(ref[key]), key
-    # Deviation, measured: camera-centre RMSE 0.00227 vs 0.00208 (1.09x) and the worst relative rotation 0.0097 deg
-    # vs 0.0075 deg (1.29x). Both are noise-level and come from the init, not the loop: our deterministic PnP
-    # differs from OpenCV's RANSAC-SQPnP by <= 0.002 deg, and 300 steps do not converge the flat directions of
-    # the loss (the same loop started from the official init stays within 1.05x on every metric, see
-    # test_adam_loop_from_official_init_is_as_accurate_as_official).
-    assert ours["cam_center_rmse"] <= 1.35 * ref["cam_center_rmse"]
-    assert max(ours["rel_rot_err_deg_pairs_i_lt_j"]) <= 1.35 * max(ref["rel_rot_err_deg_pairs_i_lt_j"])
+    # the fixture README expects ~1e-4 after 300 float32 steps; measured 9.7e-5 (poses), 1.2e-4 (depths)
+    assert (scene.cameras.cam_to_world - ga["out_cam2world"]).abs().max() < 2e-4
+    assert (scene.depths - ga["out_depth"]).abs().max() < 3e-4
+    # measured: loss 0.0240842 (official 0.0240842); error ratios to the official 0.96 (camera centres) to 1.008
+    # (worst relative rotation, 0.00755 vs 0.00749 deg), inside the rounding spread
+    ratios = _ratios_to_official(ga, ga_json, scene.cameras.cam_to_world[:, :3, :3],
+                                 scene.cameras.cam_to_world[:, :3, 3], scene.cameras.focals, scene.depths)
+    assert max(ratios.values()) <= ROUNDING_SPREAD, ratios
     # the scene is self-consistent: world points are the depths back-projected through the cameras
     K, c2w = scene.cameras.intrinsics, scene.cameras.cam_to_world
     cam = (scene.pts3d - c2w[:, None, None, :3, 3]) @ c2w[:, None, :3, :3]
@@ -145,16 +151,39 @@ def test_align_views_matches_official_loss_and_ground_truth(ga, ga_json):
                           torch.arange(48.).expand(4, 32, 48), atol=1e-3)
 
 
+def test_ground_truth_errors_no_worse_than_official_over_rounding_noise(ga, ga_json):
+    """The issue's criterion, made robust to float32 rounding: over 30 runs whose inits differ by 2e-7 relative
+    noise, our mean error ratio to the official run is <= 1 on every metric.
+
+    Measured means: point 0.99994, camera centres 0.961, rotations 0.984, worst relative rotation 0.992,
+    focal 0.954, depth 0.997. The PnP of the object-space cost this replaced gave 1.11 (camera centres) and
+    1.31 (relative rotation) here, far outside the rounding spread."""
+    p = _pairs(ga)
+    im_conf = image_confidence(p.edges, p.conf_i, p.conf_j, 4)
+    init = init_mst(p.edges.tolist(), p.pts_i, p.pts_j_in_i, p.conf_i, p.conf_j, im_conf, 3.0)
+    data = prepare_edges(p.edges, p.pts_i, p.pts_j_in_i, p.conf_i, p.conf_j, 4)
+    runs = []
+    for seed in range(30):
+        gen = torch.Generator().manual_seed(seed)
+        noisy = RawParams(*[t * (1 + 2e-7 * torch.randn(t.shape, generator=gen)) for t in init.tensors()])
+        params, _ = run_adam(noisy, data, niter=300, lr=0.01, schedule="cosine")
+        rot, trans = camera_poses(params)
+        runs.append(_ratios_to_official(ga, ga_json, rot, trans, focals_of(params),
+                                        params.im_log_depth.exp().view(4, 32, 48)))
+    means = {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
+    assert len(means) == 6 and max(means.values()) <= 1.0, means
+
+
 def test_pairviewer_two_view_path(ga):
     edges = ga["in_edges"].tolist()
     select = [edges.index([1, 0]), edges.index([0, 1])]
     scene = align_views(_pairs(ga, select))
     assert scene.info["mode"] == "pairviewer"
-    assert torch.allclose(scene.cameras.focals, ga["pairviewer_focal"], rtol=1e-5)
+    assert torch.allclose(scene.cameras.focals, ga["pairviewer_focal"], rtol=1e-6)
     assert torch.equal(scene.cameras.intrinsics[:, :2, 2], ga["pairviewer_pp"])
-    assert (scene.cameras.cam_to_world - ga["pairviewer_cam2world"]).abs().max() < 2e-4
-    assert (scene.depths - ga["pairviewer_depth"]).abs().max() < 2e-4
-    assert (scene.pts3d - ga["pairviewer_pts3d"]).abs().max() < 2e-4
+    assert (scene.cameras.cam_to_world - ga["pairviewer_cam2world"]).abs().max() < 1e-6
+    assert (scene.depths - ga["pairviewer_depth"]).abs().max() < 1e-6
+    assert (scene.pts3d - ga["pairviewer_pts3d"]).abs().max() < 1e-6
     optimised = align_views(_pairs(ga, select), niter=20, two_view_fast_path=False)
     assert optimised.info["mode"] == "optimizer" and len(optimised.info["loss_curve"]) == 20
 

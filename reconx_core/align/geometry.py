@@ -110,8 +110,10 @@ def estimate_focal_weiszfeld(pts_cam: torch.Tensor, pp: torch.Tensor | None = No
 def weighted_procrustes(src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor):
     """Similarity (s, R, t) minimising sum_k w_k |s R src_k + t - dst_k|^2 (Umeyama, via roma).
 
-    src, dst: (..., P, 3); weights: (..., P). Returns s (...,), R (..., 3, 3), t (..., 3). Batched over the
-    leading dimensions, so all edges of a graph register in one call.
+    src, dst: (..., P, 3); weights: (..., P). Returns s (...,), R (..., 3, 3), t (..., 3). Leading dimensions
+    are batched, but in float32 a batched call sums in another order and is less accurate (measured on the
+    alignment fixture: scale errors 1.2e-6 batched vs 3e-7 per call, against float64), so the init registers
+    one edge per call.
     """
     rot, trans, scale = roma.rigid_points_registration(src, dst, weights=weights, compute_scaling=True)
     return scale, rot, trans

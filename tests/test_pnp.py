@@ -1,0 +1,94 @@
+"""reconx_core.align.pnp: the PnP behind the spanning-tree init (its fixture parity is in test_align.py)."""
+
+import math
+
+import pytest
+import roma
+import torch
+
+from reconx_core.align.geometry import pixel_grid
+from reconx_core.align.pnp import _algebraic_system, pnp_camera_pose, solve_pnp
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
+
+def _scene(n=400, focal=300.0, pp=(128.0, 96.0), seed=0):
+    """Points in front of a known camera and their exact pixels; returns points, pixels, world_to_cam (4, 4)."""
+    gen = torch.Generator().manual_seed(seed)
+    rot = roma.rotvec_to_rotmat(torch.tensor([0.3, -0.5, 0.2], dtype=torch.float64))
+    trans = torch.tensor([0.4, -0.2, 3.0], dtype=torch.float64)
+    cam = torch.rand(n, 3, generator=gen, dtype=torch.float64) * torch.tensor([2.0, 1.5, 2.0]) \
+        + torch.tensor([-1.0, -0.75, 1.0])
+    pixels = cam[:, :2] / cam[:, 2:] * focal + torch.tensor(pp, dtype=torch.float64)
+    points = (cam - trans) @ rot  # world = R^T (cam - t)
+    world_to_cam = torch.eye(4, dtype=torch.float64)
+    world_to_cam[:3, :3], world_to_cam[:3, 3] = rot, trans
+    return points, pixels, world_to_cam
+
+
+def _algebraic_cost(points, pixels, focal, pp, rot, trans):
+    m = (pixels - torch.tensor(pp, dtype=torch.float64)) / focal
+    cam = points @ rot.T + trans
+    return float((cam[:, :2] - m * cam[:, 2:]).square().sum())
+
+
+def test_exact_correspondences_give_the_exact_pose():
+    points, pixels, truth = _scene()
+    world_to_cam, n_inliers = solve_pnp(points, pixels, 300.0, (128.0, 96.0))
+    assert n_inliers == 400
+    assert (world_to_cam - truth).abs().max() < 1e-9
+
+
+def test_outliers_are_trimmed_at_the_reprojection_threshold():
+    points, pixels, truth = _scene(seed=1)
+    gen = torch.Generator().manual_seed(2)
+    bad = torch.randperm(400, generator=gen)[:100]  # a quarter of the matches 20-100 px off
+    angle = torch.rand(100, generator=gen, dtype=torch.float64) * 2 * math.pi
+    size = 20 + 80 * torch.rand(100, generator=gen, dtype=torch.float64)
+    pixels = pixels.clone()
+    pixels[bad] += torch.stack((angle.cos(), angle.sin()), -1) * size[:, None]
+    world_to_cam, n_inliers = solve_pnp(points, pixels, 300.0, (128.0, 96.0))
+    assert n_inliers == 300
+    assert (world_to_cam - truth).abs().max() < 1e-9
+
+
+def test_noisy_pose_minimises_the_algebraic_cost_that_opencv_sqpnp_minimises():
+    points, pixels, _ = _scene(seed=3)
+    pixels = pixels + torch.randn(pixels.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    world_to_cam, _ = solve_pnp(points, pixels, 300.0, (128.0, 96.0))
+    rot, trans = world_to_cam[:3, :3], world_to_cam[:3, 3]
+    assert torch.allclose(rot @ rot.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    best = _algebraic_cost(points, pixels, 300.0, (128.0, 96.0), rot, trans)
+    # t(R) and r^T Omega r are the closed-form elimination of t: same cost, same translation
+    m = (pixels - torch.tensor((128.0, 96.0), dtype=torch.float64)) / 300.0
+    omega, p_mat = _algebraic_system(points, m)
+    assert float(rot.reshape(9) @ omega @ rot.reshape(9)) == pytest.approx(best, rel=1e-9)
+    assert torch.allclose(p_mat @ rot.reshape(9), trans, atol=1e-12)
+    # a local minimum on SO(3) x R^3: every small rotation (translation re-optimised) costs more
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        delta = torch.randn(3, generator=gen, dtype=torch.float64) * 1e-4
+        other = roma.rotvec_to_rotmat(delta) @ rot
+        assert _algebraic_cost(points, pixels, 300.0, (128.0, 96.0), other, p_mat @ other.reshape(9)) > best
+
+
+def test_unknown_focal_is_searched_and_fewer_than_four_points_fail():
+    H, W = 384, 512
+    candidates = torch.logspace(math.log10(W / 2), math.log10(W * 3), 21, dtype=torch.float64).tolist()
+    focal = candidates[13]  # 21 candidates in [W/2, 3W], as the official fast_pnp tries
+    rot = roma.rotvec_to_rotmat(torch.tensor([0.1, 0.2, -0.1], dtype=torch.float64))
+    depth = 1.0 + 4.0 * torch.rand(H, W, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    uv = pixel_grid(H, W, "cpu", torch.float64)
+    cam = torch.cat(((uv - torch.tensor((W / 2, H / 2))) / focal * depth[..., None], depth[..., None]), -1)
+    trans = torch.tensor([0.1, 0.0, 0.5], dtype=torch.float64)
+    pts_world = ((cam - trans) @ rot).float()
+    mask = torch.ones(H, W, dtype=torch.bool)
+    found, cam_to_world = pnp_camera_pose(pts_world, mask)
+    assert found == pytest.approx(focal, rel=1e-12)  # its neighbours, 9 % off, leave points beyond 5 px
+    truth = torch.eye(4, dtype=torch.float64)
+    truth[:3, :3], truth[:3, 3] = rot.T, -rot.T @ trans
+    assert cam_to_world.dtype == torch.float32
+    assert (cam_to_world.double() - truth).abs().max() < 1e-5
+    few = torch.zeros(H, W, dtype=torch.bool)
+    few[0, :3] = True
+    assert pnp_camera_pose(pts_world, few, focal) is None
