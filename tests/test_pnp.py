@@ -2,12 +2,17 @@
 
 import math
 
+import cv2
+import numpy as np
 import pytest
 import roma
 import torch
 
 from reconx_core.align.geometry import pixel_grid
+from reconx_core.align import image_confidence
+from reconx_core.align.init import chain_spanning_tree
 from reconx_core.align.pnp import _algebraic_system, pnp_camera_pose, solve_pnp
+from tests.fixtures import load_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -92,3 +97,48 @@ def test_unknown_focal_is_searched_and_fewer_than_four_points_fail():
     few = torch.zeros(H, W, dtype=torch.bool)
     few[0, :3] = True
     assert pnp_camera_pose(pts_world, few, focal) is None
+
+
+def _opencv_pose(points, pixels, focal, pp):
+    """The official `fast_pnp` call for one focal: world_to_cam (4, 4) float64 and the inlier count."""
+    K = np.float32([(focal, 0, pp[0]), (0, focal, pp[1]), (0, 0, 1)])
+    ok, rvec, tvec, inliers = cv2.solvePnPRansac(points.float().numpy(), pixels.float().numpy(), K, None,
+                                                 iterationsCount=10, reprojectionError=5, flags=cv2.SOLVEPNP_SQPNP)
+    assert ok
+    world_to_cam = torch.eye(4, dtype=torch.float64)
+    world_to_cam[:3, :3] = torch.from_numpy(cv2.Rodrigues(rvec)[0])
+    world_to_cam[:3, 3] = torch.from_numpy(tvec.ravel())
+    return world_to_cam, len(inliers)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_matches_opencv_sqpnp_on_noisy_matches_with_outliers(seed):
+    points, pixels, _ = _scene(n=500, seed=10 + seed)
+    gen = torch.Generator().manual_seed(seed)
+    pixels = pixels + 0.2 * torch.randn(pixels.shape, generator=gen, dtype=torch.float64)
+    pixels[torch.randperm(500, generator=gen)[:50]] += 60.0  # 10 % gross outliers
+    pixels = pixels.float().double()  # what OpenCV receives from DUSt3R: float32
+    ours, n_ours = solve_pnp(points.float().double(), pixels, 300.0, (128.0, 96.0))
+    theirs, n_theirs = _opencv_pose(points, pixels, 300.0, (128.0, 96.0))
+    assert n_ours == n_theirs == 450
+    assert (ours - theirs).abs().max() < 1e-8
+
+
+def test_matches_opencv_on_the_alignment_fixture_views():
+    """The two views the fixture's spanning-tree init poses by PnP, exactly as the official code calls OpenCV."""
+    ga = load_tensors("dust3r_globalalign.safetensors")
+    edges, conf_i, conf_j = ga["in_edges"], ga["in_pred1_conf"], ga["in_pred2_conf"]
+    im_conf = image_confidence(edges, conf_i, conf_j, 4)
+    pts3d, focals, _, tree = chain_spanning_tree(edges.tolist(), ga["in_pred1_pts3d"],
+                                                 ga["in_pred2_pts3d_in_other_view"], conf_i, conf_j, im_conf, 3.0)
+    posed_by_tree = {i for i, _ in tree}  # the root, and every later edge's view i through its Procrustes
+    by_pnp = [v for v in range(4) if v not in posed_by_tree]
+    assert len(by_pnp) == 2
+    H, W = 32, 48
+    pixels = pixel_grid(H, W, "cpu")
+    for v in by_pnp:
+        mask = im_conf[v] > 3.0
+        _, ours = pnp_camera_pose(pts3d[v], mask, focals[v])
+        world_to_cam, n_inliers = _opencv_pose(pts3d[v][mask], pixels[mask], focals[v], (W / 2, H / 2))
+        assert n_inliers == int(mask.sum())
+        assert (ours - torch.linalg.inv(world_to_cam.float())).abs().max() < 3e-7
