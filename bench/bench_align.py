@@ -83,10 +83,10 @@ def _print_row(case, ours_s, ours_loss, ref):
           f"{off_loss if off_loss else float('nan'):>15.7f}{loss_ratio:>12}  {os.getloadavg()[0]:.2f}", flush=True)
 
 
-def official_align(pairs):
+def run_official(pairs):
     """The official PointCloudOptimizer on our pair predictions, called as the fixture's JSON records it.
 
-    Returns {"seconds_compute_global_alignment_mst_300iter", "final_loss"} like dust3r_ga_timing.json."""
+    Needs naver/dust3r's `dust3r` package on sys.path. Returns (its optimiser object, final loss, seconds)."""
     import warnings
 
     warnings.filterwarnings("ignore", module="dust3r")  # its deprecated-autocast and tensor-to-float warnings
@@ -100,8 +100,13 @@ def official_align(pairs):
     start = time.perf_counter()
     scene = global_aligner(output, device="cpu", mode=GlobalAlignerMode.PointCloudOptimizer, verbose=False)
     loss = scene.compute_global_alignment(init="mst", niter=300, schedule="cosine", lr=0.01)
-    return {"seconds_compute_global_alignment_mst_300iter": time.perf_counter() - start, "final_loss": float(loss)}
+    return scene, float(loss), time.perf_counter() - start
 
+
+def official_align(pairs):
+    """{"seconds_compute_global_alignment_mst_300iter", "final_loss"} of `run_official`, like dust3r_ga_timing.json."""
+    _, loss, seconds = run_official(pairs)
+    return {"seconds_compute_global_alignment_mst_300iter": seconds, "final_loss": loss}
 
 if __name__ == "__main__":
     main()

@@ -137,3 +137,21 @@ def errors_vs_gt(cam_to_world, focals, depths, pts3d, gt_cam_to_world, gt_focal,
         "focal_rel_err": ((focals.to(dd) - gt_focal.to(dd)).abs() / gt_focal.to(dd)).tolist(),
         "depth_abs_rel_after_scale": float(((scale * depths.to(dd) - gt_depth.to(dd)).abs() / gt_depth.to(dd)).mean()),
     }
+
+
+def ratios_to_official(fixture, fixture_json, rot, trans, focals, depth) -> dict:
+    """Errors against the ground truth of the dust3r_globalalign fixture over the official run's recorded ones.
+
+    fixture / fixture_json: its tensors and JSON; rot (N, 3, 3), trans (N, 3) camera-to-world; focals (N,);
+    depth (N, H, W). Lists (per view or per pair) compare by their worst entry. Returns {metric: ratio}.
+    """
+    n, height, width = depth.shape
+    c2w = torch.eye(4).repeat(n, 1, 1)
+    c2w[:, :3, :3], c2w[:, :3, 3] = rot, trans
+    v, u = torch.meshgrid(torch.arange(float(height)), torch.arange(float(width)), indexing="ij")
+    f = focals.view(n, 1, 1)
+    cam = torch.stack(((u - width / 2) * depth / f, (v - height / 2) * depth / f, depth), dim=-1)
+    pts = cam @ rot[:, None].transpose(-1, -2) + trans[:, None, None]
+    ours = errors_vs_gt(c2w, focals, depth, pts, fixture["gt_cam2world"], fixture["gt_focal"], fixture["gt_depth"])
+    worst = lambda value: max(value) if isinstance(value, list) else value  # noqa: E731
+    return {key: worst(ours[key]) / worst(ref) for key, ref in fixture_json["errors_vs_gt"].items() if key in ours}

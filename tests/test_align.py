@@ -13,7 +13,7 @@ from reconx_core.align.optimize import (camera_poses, focals_of, loss_and_grads,
 from reconx_core.errors import InputError
 from reconx_core.types import PairPredictions
 from tests.fixtures import load_json, load_tensors
-from tests.synthetic_pairs import errors_vs_gt, make_synthetic_pairs, render_depth
+from tests.synthetic_pairs import errors_vs_gt, make_synthetic_pairs, ratios_to_official, render_depth
 
 OFFICIAL_FINAL_LOSS = 0.0240842  # fixture JSON final_loss_returned
 # Float32 rounding alone moves the fixture's ground-truth errors after 300 steps by up to ~2 % (measured: 30 runs
@@ -106,23 +106,8 @@ def test_adam_loop_from_official_init_is_as_accurate_as_official(ga, ga_json):
     assert (rot - ga["out_cam2world"][:, :3, :3]).abs().max() < 5e-4
     assert (trans - ga["out_cam2world"][:, :3, 3]).abs().max() < 5e-4
     # as accurate as the official run against the ground truth, on every metric
-    ratios = _ratios_to_official(ga, ga_json, rot, trans, focals_of(params), params.im_log_depth.exp().view(4, 32, 48))
+    ratios = ratios_to_official(ga, ga_json, rot, trans, focals_of(params), params.im_log_depth.exp().view(4, 32, 48))
     assert max(ratios.values()) <= ROUNDING_SPREAD, ratios
-
-
-def _ratios_to_official(ga, ga_json, rot, trans, focals, depth):
-    """Our ground-truth errors over the official ones (lists: their worst entries), per fixture metric.
-
-    rot: (4, 3, 3), trans: (4, 3) cam-to-world; focals: (4,); depth: (4, 32, 48)."""
-    c2w = torch.eye(4).repeat(4, 1, 1)
-    c2w[:, :3, :3], c2w[:, :3, 3] = rot, trans
-    v, u = torch.meshgrid(torch.arange(32.), torch.arange(48.), indexing="ij")
-    f = focals.view(4, 1, 1)
-    cam = torch.stack(((u - 24) * depth / f, (v - 16) * depth / f, depth), dim=-1)
-    pts = cam @ rot[:, None].transpose(-1, -2) + trans[:, None, None]
-    ours = errors_vs_gt(c2w, focals, depth, pts, ga["gt_cam2world"], ga["gt_focal"], ga["gt_depth"])
-    worst = lambda value: max(value) if isinstance(value, list) else value  # noqa: E731
-    return {key: worst(ours[key]) / worst(ref) for key, ref in ga_json["errors_vs_gt"].items() if key in ours}
 
 
 def test_align_views_matches_official_loss_and_ground_truth(ga, ga_json):
@@ -140,7 +125,7 @@ def test_align_views_matches_official_loss_and_ground_truth(ga, ga_json):
     assert (scene.depths - ga["out_depth"]).abs().max() < 3e-4
     # measured: loss 0.0240842 (official 0.0240842); error ratios to the official 0.96 (camera centres) to 1.008
     # (worst relative rotation, 0.00755 vs 0.00749 deg), inside the rounding spread
-    ratios = _ratios_to_official(ga, ga_json, scene.cameras.cam_to_world[:, :3, :3],
+    ratios = ratios_to_official(ga, ga_json, scene.cameras.cam_to_world[:, :3, :3],
                                  scene.cameras.cam_to_world[:, :3, 3], scene.cameras.focals, scene.depths)
     assert max(ratios.values()) <= ROUNDING_SPREAD, ratios
     # the scene is self-consistent: world points are the depths back-projected through the cameras
@@ -168,7 +153,7 @@ def test_ground_truth_errors_no_worse_than_official_over_rounding_noise(ga, ga_j
         noisy = RawParams(*[t * (1 + 2e-7 * torch.randn(t.shape, generator=gen)) for t in init.tensors()])
         params, _ = run_adam(noisy, data, niter=300, lr=0.01, schedule="cosine")
         rot, trans = camera_poses(params)
-        runs.append(_ratios_to_official(ga, ga_json, rot, trans, focals_of(params),
+        runs.append(ratios_to_official(ga, ga_json, rot, trans, focals_of(params),
                                         params.im_log_depth.exp().view(4, 32, 48)))
     means = {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
     assert len(means) == 6 and max(means.values()) <= 1.0, means
