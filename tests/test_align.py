@@ -16,9 +16,11 @@ from tests.fixtures import load_json, load_tensors
 from tests.synthetic_pairs import errors_vs_gt, make_synthetic_pairs, ratios_to_official, render_depth
 
 OFFICIAL_FINAL_LOSS = 0.0240842  # fixture JSON final_loss_returned
-# Float32 rounding alone moves the fixture's ground-truth errors after 300 steps by up to ~2 % (measured: 30 runs
-# whose inits differ by 2e-7 relative noise span 0.93-1.02x of the official value on every metric). A single run
-# is held to that spread; `test_ground_truth_errors_no_worse_than_official_over_rounding_noise` holds the mean.
+# Float32 rounding alone moves the fixture's ground-truth errors after 300 steps. From our init, 30 runs whose inits
+# differ by 2e-7 relative noise span 0.93-1.02x of the official value on every metric; a single run is held to
+# that, and `test_ground_truth_errors_no_worse_than_official_over_rounding_noise` holds the mean to <= 1. (The
+# official aligner itself, on inputs perturbed by 2e-7, spans 0.89-1.35x of its recorded worst relative rotation
+# and 0.92-1.18x of its camera-centre RMSE, with ours within 1.5 % of it run for run: bench/align_rounding_spread.py.)
 ROUNDING_SPREAD = 1.02
 
 
