@@ -30,7 +30,8 @@ from tests.synthetic_pairs import make_synthetic_pairs  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as recorded: 1 small, 2 large)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: as recorded: 1 small, 2 large)")
     parser.add_argument("--small-only", action="store_true", help="skip the 384x512 cases")
     parser.add_argument("--official", type=Path, default=None,
                         help="folder holding naver/dust3r's `dust3r` package: run the official aligner side by side")
