@@ -8,8 +8,8 @@ import pytest
 import roma
 import torch
 
-from reconx_core.align.geometry import pixel_grid
 from reconx_core.align import image_confidence
+from reconx_core.align.geometry import pixel_grid
 from reconx_core.align.init import chain_spanning_tree
 from reconx_core.align.pnp import _algebraic_system, pnp_camera_pose, solve_pnp
 from tests.fixtures import load_tensors
