@@ -10,6 +10,8 @@ costs ~20% on these sizes.
 """
 
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -116,6 +118,14 @@ def test_lpips_backbone_loads_from_extra_folder(tmp_path, monkeypatch):
     lp = load_lpips("alex", extra_dirs=[tmp_path])
     torch.testing.assert_close(lp.model.net.slice1[0].weight, state["features.0.weight"])
     torch.testing.assert_close(getattr(lp.model.net.slice5, "10").bias, state["features.10.bias"])
+    # the calibration layers are the ones lpips ships, read by us with weights_only=True
+    import lpips
+
+    shipped = torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth", map_location="cpu",
+                         weights_only=True)
+    assert len(shipped) == 5
+    for name, value in shipped.items():
+        torch.testing.assert_close(lp.model.state_dict()[name], value)
 
 
 def test_fit_input_errors(data):

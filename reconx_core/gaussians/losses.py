@@ -92,7 +92,20 @@ def load_lpips(net: str = "alex", extra_dirs: Iterable = (), device="cpu", pnet_
         state = torch.load(found, map_location="cpu", weights_only=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation notices from inside lpips
-        model = lpips.LPIPS(net=net, pnet_rand=True, spatial=True, verbose=False)
+        # pretrained=False: lpips would load its linear layers with a bare torch.load (arbitrary unpickling on
+        # torch < 2.6); we load the same file it ships, weights only
+        model = lpips.LPIPS(pretrained=False, net=net, pnet_rand=True, spatial=True, verbose=False)
+    lin_file = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
+    try:
+        lin_state = torch.load(lin_file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ResourceError(f"the lpips package's calibration weights {lin_file} cannot be read ({exc}); "
+                            "reinstall lpips, or set the LPIPS weight to 0") from None
+    missing, _ = model.load_state_dict(lin_state, strict=False)
+    # the file holds lin0..linK; `lins.K` are the same modules under a second name
+    missing = [name for name in missing if name.startswith("lin") and not name.startswith("lins.")]
+    if missing:
+        raise ResourceError(f"{lin_file} lacks LPIPS layers {missing}; reinstall lpips, or set the LPIPS weight to 0")
     if state is not None:
         # lpips splits torchvision's `features` into slices but keeps the layer indices: sliceK.<i>.w -> features.<i>.w
         own = {}
