@@ -54,17 +54,22 @@ def render_gsplat(means, quats, scales, opacities, sh, world_to_cam, intrinsics,
     """Render N cameras with gsplat.rasterization.
 
     means (G, 3) world; quats (G, 4) wxyz; scales (G, 3) linear; opacities (G,) in [0, 1]; sh (G, K, 3);
-    world_to_cam (N, 4, 4); intrinsics (N, 3, 3) integer-centre convention; background (3,) or None.
-    Returns rgb (N, H, W, 3), alpha (N, H, W), depth (N, H, W) expected depth, info dict (gsplat's).
+    world_to_cam (N, 4, 4) (gsplat's `viewmats` are world-to-camera); intrinsics (N, 3, 3) integer-centre
+    convention; background (3,) or None; sh_degree <= sqrt(K) - 1.
+    Returns rgb (N, H, W, 3) with the background composited, alpha (N, H, W), depth (N, H, W) the expected camera z
+    (0 where alpha <= 1e-6, as our rasterizer), info dict (gsplat's).
     """
     gsplat = _state["module"]
     Ks = intrinsics.clone()
     Ks[:, 0, 2] += 0.5
     Ks[:, 1, 2] += 0.5
-    bg = None if background is None else background.reshape(1, 3).expand(len(world_to_cam), 3)
-    if bg is not None:
-        bg = torch.cat([bg, torch.zeros_like(bg[:, :1])], -1)  # the depth channel gets no background
+    # Three channels only: in "RGB+ED" mode gsplat appends the depth channel's (zero) background itself, and a
+    # fourth channel here makes its rasterizer reject the (N, 5) backgrounds.
+    bg = None if background is None else background.reshape(1, 3).expand(len(world_to_cam), 3).contiguous()
     colors, alphas, info = gsplat.rasterization(
         means, quats, scales, opacities, sh, world_to_cam, Ks, width, height, near_plane=near, far_plane=far,
         eps2d=eps2d, sh_degree=sh_degree, backgrounds=bg, render_mode="RGB+ED", absgrad=absgrad)
-    return colors[..., :3], alphas[..., 0], colors[..., 3], info
+    alpha = alphas[..., 0]
+    # gsplat divides the accumulated depth by max(alpha, 1e-10); ours reports 0 under alpha 1e-6.
+    depth = torch.where(alpha > 1e-6, colors[..., 3], torch.zeros_like(alpha))
+    return colors[..., :3], alpha, depth, info
