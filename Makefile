@@ -10,7 +10,7 @@ ARGS   ?=
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: test demo bench clean-venv
+.PHONY: test test-numeric demo bench clean-venv
 
 $(STAMP): requirements.txt requirements-test.txt requirements-torch.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ $(STAMP): requirements.txt requirements-test.txt requirements-torch.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The float32-sensitive tests again on another numeric path (the AVX2 kernels of MKL, oneDNN and ATen, MKL's
+# reproducible mode): what another CPU would compute. CI (.ci/run) runs it after `make test`.
+NUMERIC_PATH := MKL_CBWR=COMPATIBLE MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+
+test-numeric: $(STAMP)
+	env $(NUMERIC_PATH) $(PY) -m pytest -q -m numeric tests
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py $(ARGS)
