@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..dust3r.weights_io import DYNAMICRAFTER_FILES, check_model_family, read_weights
 from ..errors import CheckpointError
 from ..structure import PointCloudEncoder
 from .model import OFFICIAL_512_INTERP, VideoModel, build_video_model
@@ -41,6 +42,7 @@ _UNUSED = re.compile(r"(cond_stage_model\.model\.(text_projection|logit_scale)"
                      r"|embedder\.model\.(positional_embedding|text_projection|logit_scale|token_embedding\.weight"
                      r"|ln_final\.(weight|bias)|visual\.proj|visual\.ln_post\.(weight|bias)))")
 STRUCTURE_FORMAT = "reconx-structure-branch"
+_DOWNLOAD = "https://huggingface.co/Doubiiu/DynamiCrafter_512_Interp"
 
 
 def is_unused_key(key: str) -> bool:
@@ -137,21 +139,10 @@ def read_state_dict(path: Union[str, Path]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; put DynamiCrafter_512_Interp's model.ckpt in models/reconx")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for damaged files
-            raise CheckpointError(f"{path.name} is truncated or corrupt ({str(err)[:120]}); download it again") from None
-    if path.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
+    if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path.name}: expected a .ckpt, .pth or .safetensors file")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # unpickling errors come in many types; all mean the same to the user
-        raise CheckpointError(
-            f"{path.name} could not be read as plain tensors ({type(err).__name__}: {str(err)[:200]}). "
-            "Only weights-only pickles are loaded, for safety; convert the file to .safetensors with a trusted "
-            "tool and load that instead") from None
+    # one shared reader tells a damaged file from one holding non-tensor objects, and never runs pickled code
+    obj, _ = read_weights(path, what="DynamiCrafter checkpoint", download=_DOWNLOAD, mmap=True)
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and "module" in obj:
@@ -159,6 +150,8 @@ def read_state_dict(path: Union[str, Path]) -> dict:
                for k, v in obj["module"].items()}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path.name} holds no state dict of tensors")
+    check_model_family(obj.keys(), path.name, ("DynamiCrafter", "Stable Diffusion", "VAE"),
+                       "a DynamiCrafter checkpoint", DYNAMICRAFTER_FILES)
     return obj
 
 
