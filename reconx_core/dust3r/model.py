@@ -1,5 +1,8 @@
 """The DUSt3R network (AsymmetricCroCo3DStereo): a shared ViT encoder, two cross-attending decoders, two heads.
 
+MASt3R (AsymmetricMASt3R) is the same network with the "catmlp+dpt" head (mast3r.py): `Dust3R` runs both; the
+head type comes from the checkpoint (config.head_type "linear", "dpt" or "catmlp+dpt").
+
 Parameter names follow the official checkpoints exactly (`enc_blocks.3.attn.qkv.weight`, `dec_blocks2.*`,
 `downstream_head1.dpt.*`, ...), so an official state dict loads with `load_state_dict(strict=True)` once the
 known key variants are normalised (see checkpoint.py).
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from .heads import DPTHead, LinearHead
+from .mast3r import Mast3RHead
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 class Dust3RConfig:
     """Architecture of a DUSt3R network; every field can be read off a checkpoint (see checkpoint.py).
 
-    `dpt_*` fields are used only when head_type == "dpt". `image_size` is the resolution the checkpoint was trained
-    at (224 or 512): it decides preprocessing, not the network's shapes (RoPE has no positional table).
+    `dpt_*` fields are used when head_type is "dpt" or "catmlp+dpt" (MASt3R). `image_size` is the resolution the
+    checkpoint was trained at (224 or 512): it decides preprocessing, not the network's shapes (RoPE has no
+    positional table). The MASt3R fields (`desc_*`, `two_confs`, `mlp_hidden`) are used only for "catmlp+dpt";
+    their defaults are the public MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric's.
     """
 
     enc_embed_dim: int = 1024
@@ -74,6 +80,10 @@ class Dust3RConfig:
     dpt_last_dim: int = 128
     dpt_layer_dims: Tuple[int, ...] = (96, 192, 384, 768)
     dpt_hooks: Optional[Tuple[int, ...]] = None  # None: the official [0, L/2, 3L/4, L] of the decoder depth L
+    desc_dim: int = 24
+    two_confs: bool = True
+    desc_conf_mode: Tuple[str, float, float] = ("exp", 0.0, float("inf"))
+    mlp_hidden: int = 7168  # MASt3R local-feature MLP width: 4 * (enc_embed_dim + dec_embed_dim)
     image_size: int = 512
     extra: dict = field(default_factory=dict)
 
@@ -239,10 +249,21 @@ class Dust3R(nn.Module):
         out_channels = 3 + int(c.has_conf)
         if c.head_type == "linear":
             return LinearHead(c.dec_embed_dim, c.patch_size, out_channels, c.depth_mode, c.conf_mode)
+        if c.head_type == "catmlp+dpt":
+            return Mast3RHead(c.enc_embed_dim, c.dec_embed_dim, hooks=c.hooks(), layer_dims=c.dpt_layer_dims,
+                              feature_dim=c.dpt_feature_dim, last_dim=c.dpt_last_dim, has_conf=c.has_conf,
+                              patch_size=c.patch_size, mlp_hidden=c.mlp_hidden, desc_dim=c.desc_dim,
+                              two_confs=c.two_confs, depth_mode=c.depth_mode, conf_mode=c.conf_mode,
+                              desc_conf_mode=c.desc_conf_mode)
         return DPTHead(dim_tokens=(c.enc_embed_dim, c.dec_embed_dim, c.dec_embed_dim, c.dec_embed_dim),
                        hooks=c.hooks(), layer_dims=c.dpt_layer_dims, feature_dim=c.dpt_feature_dim,
                        last_dim=c.dpt_last_dim, out_channels=out_channels, patch_size=c.patch_size,
                        depth_mode=c.depth_mode, conf_mode=c.conf_mode)
+
+    @property
+    def is_mast3r(self) -> bool:
+        """True for a MASt3R network (its heads also produce descriptors)."""
+        return self.config.head_type == "catmlp+dpt"
 
     # ------------------------------------------------------------------------------------------------- stages
     @property
@@ -278,16 +299,21 @@ class Dust3R(nn.Module):
         return out1, out2
 
     def heads(self, dec1: Sequence[torch.Tensor], dec2: Sequence[torch.Tensor], hw1: Tuple[int, int],
-              hw2: Optional[Tuple[int, int]] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+              hw2: Optional[Tuple[int, int]] = None, descriptors: bool = True
+              ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
         """Run both heads in float32 (as the official forward does, outside autocast).
 
         dec1, dec2: token lists from `decode`; hw1, hw2: (H, W) of view 1 and view 2 (hw2 defaults to hw1).
-        Returns pred1 {'pts3d', 'conf'} and pred2 {'pts3d_in_other_view', 'conf'}, float32.
+        descriptors: for MASt3R, also compute 'desc' (B, H, W, D) and 'desc_conf' (B, H, W) per view (ignored for
+            DUSt3R); infer_pairs passes False because nothing downstream reads them.
+        Returns pred1 {'pts3d', 'conf'} and pred2 {'pts3d_in_other_view', 'conf'}, float32 (plus 'desc',
+        'desc_conf' for MASt3R with descriptors=True).
         """
         device_type = dec1[-1].device.type
+        kw = {"descriptors": descriptors} if self.is_mast3r else {}
         with torch.autocast(device_type=device_type, enabled=False):
-            pred1 = self.downstream_head1([t.float() for t in dec1], tuple(hw1))
-            pred2 = self.downstream_head2([t.float() for t in dec2], tuple(hw2 or hw1))
+            pred1 = self.downstream_head1([t.float() for t in dec1], tuple(hw1), **kw)
+            pred2 = self.downstream_head2([t.float() for t in dec2], tuple(hw2 or hw1), **kw)
         pred2["pts3d_in_other_view"] = pred2.pop("pts3d")
         return pred1, pred2
 
@@ -300,6 +326,8 @@ class Dust3R(nn.Module):
             official call; they must equal the image sizes (images are never padded here).
         Returns pred1 {'pts3d' (B, H, W, 3), 'conf' (B, H, W)} in view 1's camera frame, and
         pred2 {'pts3d_in_other_view' (B, H2, W2, 3), 'conf' (B, H2, W2)}, view 2's points in view 1's frame.
+        A MASt3R network adds 'desc' (B, H, W, D) unit descriptors and 'desc_conf' (B, H, W) to both (same keys as
+        the official model); ReconX's alignment does not use them.
 
         As the official model does, a "symmetric" batch (element 2k+1 is element 2k with the views swapped) encodes
         only half the images and shares the features.

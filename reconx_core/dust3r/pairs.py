@@ -158,7 +158,7 @@ def infer_pairs(model: Dust3R, images: torch.Tensor, graph: Union[str, torch.Ten
         i, j = edges_dev[sl, 0], edges_dev[sl, 1]
         with autocast():
             dec1, dec2 = model.decode(feats[i], poss[i], feats[j], poss[j])
-        pred1, pred2 = model.heads(dec1, dec2, (H, W))
+        pred1, pred2 = model.heads(dec1, dec2, (H, W), descriptors=False)  # MASt3R descriptors: unused here
         pts_i[sl], conf_i[sl] = pred1["pts3d"], pred1["conf"]
         pts_j[sl], conf_j[sl] = pred2["pts3d_in_other_view"], pred2["conf"]
         if callback is not None:
