@@ -200,10 +200,10 @@ def check_interrupt() -> None:
 
 
 class Progress:
-    """A progress bar over several phases: `phase(total)` returns a callback(step, total) for one loop.
+    """A progress bar over several phases: `phase(weight)` returns a callback(done, total) for one loop.
 
-    The callback advances ComfyUI's ProgressBar and raises when the user pressed cancel, so a long loop stops
-    within one step.
+    Every reconx_core loop calls its callback with done = 1 .. total after each step. The callback advances
+    ComfyUI's ProgressBar and raises when the user pressed cancel, so a long loop stops within one step.
     """
 
     def __init__(self, total: int):
@@ -215,10 +215,10 @@ class Progress:
         start = self.done
         self.done += weight
 
-        def callback(step: int, total: int) -> None:
+        def callback(done: int, total: int) -> None:
             check_interrupt()
             if self.bar is not None:
-                self.bar.update_absolute(start + int(weight * min(step + 1, total) / max(total, 1)), self.total)
+                self.bar.update_absolute(start + int(weight * min(done, total) / max(total, 1)), self.total)
 
         return callback
 

@@ -88,9 +88,7 @@ class ReconXDust3rAlign:
 
     def align(self, images, dust3r, scene_graph="complete", iterations=300, learning_rate=0.01,
               schedule="cosine", min_confidence=3.0, batch_size=8, clean_point_cloud=True):
-        import dataclasses
-
-        from reconx_core.align import align_views, clean_scene, confidence_masks, masked_points
+        from reconx_core.align import align_views, clean_scene
         from reconx_core.dust3r import infer_pairs, make_pair_edges, prepare_images
         from reconx_core.export import point_cloud_ply_bytes
         from reconx_core.preview import depth_preview
@@ -99,8 +97,8 @@ class ReconXDust3rAlign:
             raise InputError("dust3r must come from the ReconX DUSt3R Loader node")
         views = image_to_core(images, "images")
         if views.shape[0] < 2:
-            raise InputError(f"ReconX DUSt3R Align needs at least 2 views, got {views.shape[0]}; batch two or "
-                             "more photos with a Batch Images node")
+            raise InputError(f"ReconX DUSt3R Global Alignment needs at least 2 views, got {views.shape[0]}; batch "
+                             "two or more photos with a Batch Images node")
         model = dust3r.acquire()
         size = int(getattr(model, "image_size", 512))
         views = prepare_images(views, size=size).to(dust3r.device)
@@ -114,12 +112,14 @@ class ReconXDust3rAlign:
                             min_conf_thr=min_confidence, callback=progress.phase(max(iterations, 1)))
         if clean_point_cloud:
             scene = clean_scene(scene)
-        # Later stages (point-cloud encoding, Gaussian init) filter with the same threshold.
-        scene = dataclasses.replace(scene, info=dict(scene.info, min_conf_thr=float(min_confidence)))
-        valid = confidence_masks(scene.conf, min_confidence)
-        ply = point_cloud_ply_bytes(*masked_points(scene, min_confidence))
-        log.info("aligned %d views (%d pairs): loss %.5f, %d points", len(scene), n_pairs,
-                 float(scene.info.get("loss", float("nan"))), int(valid.sum()))
+        valid = scene.confident_mask()
+        ply = point_cloud_ply_bytes(*scene.confident_points())
+        if scene.info.get("mode") == "pairviewer":
+            log.info("aligned 2 views with DUSt3R's pair viewer (two views need no optimisation, so there is no "
+                     "alignment loss): %d points", int(valid.sum()))
+        else:
+            log.info("aligned %d views (%d pairs): loss %.5f, %d points", len(scene), n_pairs,
+                     float(scene.info["loss"]), int(valid.sum()))
         return (scene, depth_preview(scene.depths, valid), confidence_to_mask(scene.conf),
                 bridge.make_file3d(ply, "ply"))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from reconx_core.errors import InputError
-from reconx_core.types import Cameras, Gaussians, Scene, Views
+from reconx_core.types import Gaussians, Scene
 
 from . import comfy_bridge as bridge
 from .convert import image_to_core
@@ -39,31 +39,6 @@ def splat_to_gaussians(splat, index: int = 0) -> Gaussians:
                      log_scales=splat.scales[index, :count].float().clamp_min(1e-12).log(),
                      opacity_logits=torch.logit(opacity.float()),
                      sh=splat.sh[index, :count].float())
-
-
-def _scene_from_views(views) -> Scene:
-    """RECONX_VIEWS after confidence mapping as a Scene of its frames; the [0,1] loss weights ride in info."""
-    if not isinstance(views, Views):
-        raise InputError("views must be RECONX_VIEWS (ReconX Interpolate -> ReconX Confidence)")
-    if views.cameras is None or views.conf is None or views.pts3d is None:
-        raise InputError("these views have no cameras/confidences yet: pass them through ReconX Confidence "
-                         "before fitting")
-    depths = _camera_depths(views.pts3d, views.cameras)
-    return Scene(views.cameras, depths, views.pts3d, 1.0 + views.conf, views.frames,
-                 info={"loss_weights": views.conf, "from_views": True})
-
-
-def _camera_depths(pts3d: torch.Tensor, cameras: Cameras) -> torch.Tensor:
-    """z-depth (N, H, W) of world points (N, H, W, 3) in their own cameras."""
-    w2c = torch.linalg.inv(cameras.cam_to_world)
-    return torch.einsum("nij,nhwj->nhwi", w2c[:, :3, :3], pts3d)[..., 2] + w2c[:, 2, 3][:, None, None]
-
-
-def _autograd_copy(scene: Scene) -> Scene:
-    """A copy of `scene` made of ordinary tensors (not inference-mode ones), usable by autograd."""
-    cams = scene.cameras
-    return Scene(Cameras(cams.cam_to_world.clone(), cams.intrinsics.clone(), cams.width, cams.height),
-                 scene.depths.clone(), scene.pts3d.clone(), scene.conf.clone(), scene.images.clone(), dict(scene.info))
 
 
 def _gaussians_ply_bytes(gaussians: Gaussians) -> bytes:
@@ -120,57 +95,47 @@ class ReconXFitGaussians:
 
     def fit(self, scene, steps=1000, l1_weight=0.8, ssim_weight=0.2, lpips_weight=0.5, sh_degree=3,
             densify=False, max_points=300000, seed=0, views=None, frames=None, confidence=None):
-        from reconx_core.gaussians import fit_gaussians, init_from_points, init_from_scene
+        from reconx_core.gaussians import FitConfig, fit_to_scene, fit_to_views
 
         if not isinstance(scene, Scene):
             raise InputError("scene must come from ReconX DUSt3R Global Alignment (RECONX_SCENE)")
-        if views is not None:
-            scene, confidence, frames = _scene_from_views(views), None, None
-        device = scene.device
-        images = scene.images if frames is None else image_to_core(frames, "frames", device)
-        cameras = scene.cameras
-        if images.shape[0] != len(cameras):
-            raise InputError(f"{images.shape[0]} frames for {len(cameras)} scene cameras; give one frame per camera")
-        if tuple(images.shape[-2:]) != (cameras.height, cameras.width):
-            images = torch.nn.functional.interpolate(images, size=(cameras.height, cameras.width), mode="bilinear",
-                                                     antialias=True, align_corners=False)
-        conf = None
-        if confidence is not None:
-            conf = confidence.to(device).float()
-            if conf.ndim == 2:
-                conf = conf[None].expand(images.shape[0], -1, -1)
-            if conf.shape[0] != images.shape[0]:
-                raise InputError(f"{conf.shape[0]} confidence maps for {images.shape[0]} frames")
-            if tuple(conf.shape[-2:]) != (cameras.height, cameras.width):
-                conf = torch.nn.functional.interpolate(conf[:, None], size=(cameras.height, cameras.width),
-                                                       mode="bilinear", align_corners=False)[:, 0]
+        config = FitConfig(steps=steps, weights=(l1_weight, ssim_weight, lpips_weight), sh_degree=sh_degree,
+                           densify=densify, max_points=max_points, seed=seed,
+                           lpips_dirs=[str(p) for p in bridge.model_folders("reconx")])
         progress = bridge.Progress(steps)
-        # ComfyUI runs nodes under inference_mode; the fit needs autograd, and tensors made in inference mode
-        # cannot be saved for backward, so the inputs are copied once outside it.
-        with torch.inference_mode(False), torch.enable_grad():
-            scene = _autograd_copy(scene)
-            images = images.clone()
-            conf = None if conf is None else conf.clone()
-            if views is not None:
-                conf = scene.info["loss_weights"].clone()
-                # The paper initialises from the first and last frames' point maps (the two reference views),
-                # here their confident half at least.
-                ends = [0, len(scene) - 1]
-                keep = conf[ends] >= min(0.5, float(conf[ends].median()))
-                points = scene.pts3d[ends][keep]
-                colours = scene.images[ends].permute(0, 2, 3, 1)[keep]
-                if points.shape[0] == 0:
-                    raise InputError("the first and last frames have no confident points to start from")
-                init = init_from_points(points, colours, sh_degree=sh_degree, max_points=max_points, seed=seed)
-            else:
-                init = init_from_scene(scene, max_points=max_points, min_conf=scene.info.get("min_conf_thr"),
-                                       sh_degree=sh_degree, seed=seed)
-            gaussians = fit_gaussians(images, scene.cameras, conf=conf, init=init, steps=steps,
-                                      weights=(l1_weight, ssim_weight, lpips_weight), sh_degree=sh_degree,
-                                      densify=densify, seed=seed, callback=progress.phase(steps),
-                                      lpips_dirs=[str(p) for p in bridge.model_folders("reconx")])
-        log.info("fitted %d Gaussians to %d frames in %d steps", len(gaussians), images.shape[0], steps)
+        if views is not None:
+            result = fit_to_views(views, config, callback=progress.phase(steps))
+        else:
+            images, conf = _frames_for_scene(scene, frames, confidence)
+            result = fit_to_scene(scene, config, images=images, conf=conf, callback=progress.phase(steps))
+        gaussians = result.gaussians
+        log.info("fitted %d Gaussians to %d frames in %d steps", len(gaussians), len(result.cameras), steps)
         return (gaussians_to_splat(gaussians), bridge.make_file3d(_gaussians_ply_bytes(gaussians), "ply"))
+
+
+def _frames_for_scene(scene: Scene, frames, confidence):
+    """The optional IMAGE frames and MASK weights of the fit node, at the scene cameras' size:
+    images (N, 3, H, W) or None (the scene's own images), conf (N, H, W) or None (uniform)."""
+    size = (scene.cameras.height, scene.cameras.width)
+    images = None
+    if frames is not None:
+        images = image_to_core(frames, "frames", scene.device)
+        if images.shape[0] != len(scene):
+            raise InputError(f"{images.shape[0]} frames for {len(scene)} scene cameras; give one frame per camera")
+        if tuple(images.shape[-2:]) != size:
+            images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True,
+                                                     align_corners=False)
+    conf = None
+    if confidence is not None:
+        conf = confidence.to(scene.device).float()
+        if conf.ndim == 2:
+            conf = conf[None].expand(len(scene), -1, -1)
+        if conf.shape[0] != len(scene):
+            raise InputError(f"{conf.shape[0]} confidence maps for {len(scene)} frames")
+        if tuple(conf.shape[-2:]) != size:
+            conf = torch.nn.functional.interpolate(conf[:, None], size=size, mode="bilinear",
+                                                   align_corners=False)[:, 0]
+    return images, conf
 
 
 class ReconXRenderGaussians:
@@ -198,45 +163,22 @@ class ReconXRenderGaussians:
         }}
 
     def render(self, splat, scene, path="through cameras", frames=48, width=0, height=0):
-        from reconx_core.camera_path import interpolate_cameras, orbit_cameras
+        from reconx_core.camera_path import scene_path
         from reconx_core.gaussians import render
         from reconx_core.preview import depth_preview
 
         if not isinstance(scene, Scene):
             raise InputError("scene must be a RECONX_SCENE")
         gaussians = splat_to_gaussians(splat).to(scene.device)
-        cameras = (interpolate_cameras(scene.cameras, frames) if path == "through cameras"
-                   else orbit_cameras(scene.cameras, frames, center=scene_center(scene)))
-        if width or height:
-            cameras = resize_cameras(cameras, width or cameras.width, height or cameras.height)
-        progress = bridge.Progress(frames)
-        step = progress.phase(frames)
-        rgb, depth, alpha = [], [], []
-        for i in range(frames):  # one frame at a time keeps memory flat for long paths
-            step(i, frames)
+        cameras = scene_path(scene, path, frames, width, height)
+        step = bridge.Progress(frames).phase(frames)
+        outs = []
+        for i in range(frames):  # one view per call keeps memory flat for long paths, whatever the backend
             with torch.no_grad():
-                out = render(gaussians, cameras[i])
-            rgb.append(out.rgb)
-            depth.append(out.depth)
-            alpha.append(out.alpha)
-        rgb, depth, alpha = torch.cat(rgb), torch.cat(depth), torch.cat(alpha)
+                outs.append(render(gaussians, cameras[i]))
+            step(i + 1, frames)
+        rgb, depth, alpha = (torch.cat([getattr(o, k) for o in outs]) for k in ("rgb", "depth", "alpha"))
         return (rgb.clamp(0, 1), depth_preview(depth.clamp_min(1e-6), alpha > 0.5), alpha.clamp(0, 1))
-
-
-def scene_center(scene: Scene) -> torch.Tensor:
-    """(3,) median of the confident points: a robust centre to orbit around."""
-    pts = scene.pts3d.reshape(-1, 3)
-    conf = scene.conf.reshape(-1)
-    keep = conf >= conf.median()
-    return pts[keep].median(dim=0).values
-
-
-def resize_cameras(cameras, width: int, height: int):
-    """The same cameras at another image size (the whole image resized, pixel centres kept consistent)."""
-    from reconx_core.framing import scale_intrinsics
-
-    K = scale_intrinsics(cameras.intrinsics, width / cameras.width, height / cameras.height)
-    return Cameras(cameras.cam_to_world, K, width, height)
 
 
 NODE_CLASS_MAPPINGS = {"ReconXFitGaussians": ReconXFitGaussians, "ReconXRenderGaussians": ReconXRenderGaussians}

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from reconx_core.errors import InputError
-from reconx_core.types import Scene, Views
+from reconx_core.types import Scene
 
 from . import comfy_bridge as bridge
 from .convert import image_to_comfy
@@ -83,7 +83,7 @@ class ReconXEncodePointCloud:
         }}
 
     def encode(self, scene, video_model, max_points=65536):
-        from reconx_core.structure import scene_points
+        from reconx_core.structure import encode_scene
 
         if not isinstance(scene, Scene):
             raise InputError("scene must be a RECONX_SCENE")
@@ -92,12 +92,11 @@ class ReconXEncodePointCloud:
         if model.structure_encoder is None:
             raise InputError("this video model has no structure branch: pick a structure-branch file in ReconX "
                              "Video Model Loader, or leave the structure input of ReconX Interpolate unconnected")
-        points = scene_points(scene, max_points=max_points, min_conf=scene.info.get("min_conf_thr", 3.0))
         progress = bridge.Progress(1)
         try:
             # with staged offload the weights live on the offload device until their stage runs
-            with torch.no_grad(), model.stage(model.structure_encoder) as encoder:
-                tokens = encoder(points.to(model.device), callback=progress.phase(1))
+            with model.stage(model.structure_encoder) as encoder:
+                tokens = encode_scene(encoder, scene, max_points=max_points, callback=progress.phase(1))
         finally:
             managed.release()
         return (tokens.to(scene.device),)
@@ -141,30 +140,21 @@ class ReconXInterpolate:
 
     def interpolate(self, video_model, scene, prompt="", steps=50, cfg=7.5, structure_scale=1.0, frames=16,
                     frame_stride=5, seed=0, structure=None):
-        from reconx_core.framing import crop_resize, median_depths
-        from reconx_core.video import interpolate, reference_frame_indices
+        from reconx_core.video import interpolate_views
 
         if not isinstance(scene, Scene):
             raise InputError("scene must be a RECONX_SCENE")
         managed = _video_model(video_model)
         model = managed.acquire()
-        height, width = model.config["resolution"]
-        refs, ref_cameras = crop_resize(scene.images, scene.cameras, height, width)
-        k = refs.shape[0]
-        progress = bridge.Progress((k - 1) * steps)
+        segments = len(scene) - 1
+        progress = bridge.Progress(max(segments, 1) * steps)
         try:
-            out = interpolate(model, refs, structure=structure, prompt=prompt, steps=steps, cfg=cfg,
-                              structure_scale=structure_scale, frames=frames, seed=seed, frame_stride=frame_stride,
-                              callback=progress.phase((k - 1) * steps))
+            views = interpolate_views(model, scene, structure=structure, frames=frames, seed=seed,
+                                      callback=progress.phase(max(segments, 1) * steps), prompt=prompt, steps=steps,
+                                      cfg=cfg, structure_scale=structure_scale, frame_stride=frame_stride)
         finally:
             managed.release()
-        out = out.to(scene.device)
-        index = torch.as_tensor(reference_frame_indices(k, frames), dtype=torch.long, device=scene.device)
-        views = Views(frames=out, reference_index=index, reference_cameras=ref_cameras.to(scene.device),
-                      info={"segments": k - 1, "frames_per_segment": frames, "structure": structure is not None,
-                            "seed": seed, "reference_depths": median_depths(scene.depths, scene.conf,
-                                                                            scene.info.get("min_conf_thr"))})
-        return (image_to_comfy(out), views)
+        return (image_to_comfy(views.frames), views)
 
 
 NODE_CLASS_MAPPINGS = {"ReconXVideoModelLoader": ReconXVideoModelLoader,

@@ -13,48 +13,8 @@ from typing import Optional
 import torch
 
 from .errors import InputError
-from .types import Cameras
-
-
-def rotmat_to_quat(R: torch.Tensor) -> torch.Tensor:
-    """(N, 3, 3) rotation matrices -> (N, 4) unit wxyz quaternions with w >= 0 (Shepperd's method)."""
-    m = R.reshape(-1, 3, 3).double()
-    tr = m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2]
-    cand = torch.stack([
-        torch.stack([1 + tr, m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1]], -1),
-        torch.stack([m[:, 2, 1] - m[:, 1, 2], 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2], m[:, 0, 1] + m[:, 1, 0],
-                     m[:, 0, 2] + m[:, 2, 0]], -1),
-        torch.stack([m[:, 0, 2] - m[:, 2, 0], m[:, 0, 1] + m[:, 1, 0], 1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2],
-                     m[:, 1, 2] + m[:, 2, 1]], -1),
-        torch.stack([m[:, 1, 0] - m[:, 0, 1], m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1],
-                     1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], -1)], 1)       # (N, 4 candidates, 4)
-    # Use the candidate built on the largest diagonal term: numerically the best conditioned.
-    best = torch.stack([tr, m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]], -1).argmax(-1)
-    q = torch.nn.functional.normalize(cand[torch.arange(len(m)), best], dim=-1)
-    q = torch.where(q[:, :1] < 0, -q, q)
-    return q.to(R.dtype)
-
-
-def quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
-    """(N, 4) wxyz -> (N, 3, 3)."""
-    w, x, y, z = torch.nn.functional.normalize(q, dim=-1).unbind(-1)
-    return torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-                        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-                        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1).reshape(-1, 3, 3)
-
-
-def slerp(q0: torch.Tensor, q1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Shortest-arc spherical interpolation. q0, q1: (N, 4) unit wxyz; t: (N,) in [0, 1]. Returns (N, 4)."""
-    dot = (q0 * q1).sum(-1, keepdim=True)
-    q1 = torch.where(dot < 0, -q1, q1)
-    dot = dot.abs().clamp(max=1.0)
-    theta = torch.acos(dot)
-    s = torch.sin(theta)
-    t = t[:, None]
-    near = s < 1e-6                                      # almost equal: linear is exact enough and stable
-    w0 = torch.where(near, 1 - t, torch.sin((1 - t) * theta) / s.clamp_min(1e-12))
-    w1 = torch.where(near, t, torch.sin(t * theta) / s.clamp_min(1e-12))
-    return torch.nn.functional.normalize(w0 * q0 + w1 * q1, dim=-1)
+from .geometry import quat_to_rotmat, resize_cameras, robust_center, rotmat_to_quat, slerp
+from .types import Cameras, Scene
 
 
 def _catmull_rom(p: torch.Tensor, seg: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -142,3 +102,26 @@ def _closest_point_to_axes(origins: torch.Tensor, dirs: torch.Tensor) -> torch.T
     if torch.linalg.matrix_rank(A) < 3:
         return origins.mean(0) + d.mean(0)
     return torch.linalg.solve(A, b)
+
+
+PATH_KINDS = ("through cameras", "orbit")
+
+
+def scene_path(scene: Scene, kind: str, frames: int, width: int = 0, height: int = 0) -> Cameras:
+    """Cameras to render a scene along: "through cameras" (a smooth path visiting every scene camera in order) or
+    "orbit" (a circle around the median of the confident points through the first camera's position).
+
+    width, height: output size; 0 keeps the scene's (the intrinsics follow a resize exactly).
+    """
+    if kind not in PATH_KINDS:
+        raise InputError(f"unknown path {kind!r}; choose one of {PATH_KINDS}")
+    if kind == "through cameras":
+        cameras = interpolate_cameras(scene.cameras, frames)
+    else:
+        points = scene.confident_points()[0]
+        if points.shape[0] == 0:
+            points = scene.pts3d.reshape(-1, 3)[torch.isfinite(scene.pts3d.reshape(-1, 3)).all(-1)]
+        cameras = orbit_cameras(scene.cameras, frames, center=robust_center(points))
+    if width or height:
+        cameras = resize_cameras(cameras, width or cameras.width, height or cameras.height)
+    return cameras

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .align import align_views
 from .errors import InputError
-from .framing import scale_intrinsics
+from .geometry import backproject_depth, camera_similarity, scale_intrinsics, transform_cameras
 from .types import Cameras, PairPredictions, Scene, Views
 
 log = logging.getLogger(__name__)
@@ -81,42 +81,15 @@ def video_pair_graph(n_frames: int, reference_index, window: int = 3,
 
 
 def reference_similarity(aligned_c2w: torch.Tensor, known_c2w: torch.Tensor, depth_scale: Optional[float] = None):
-    """Similarity X_known = s R X_aligned + t that carries aligned reference cameras onto the known ones.
+    """Similarity X_known = s R X_aligned + t that carries the aligned reference cameras onto the known ones.
 
-    aligned_c2w, known_c2w: (K, 4, 4) camera-to-world poses of the same K >= 2 views in the two frames.
-    Closed form, using orientations and centres (so K = 2 is enough):
-      R = argmax_{R in SO(3)} tr(R^T M),  M = sum_k R^known_k (R^al_k)^T + K * C A^T / (|C|_F |A|_F)
-    (the chordal mean of the relative rotations plus the Umeyama cross-covariance of the centred camera centres
-    C = c^known - mean, A = c^al - mean, normalised so both terms weigh alike); s = |C|_F / |A|_F (ratio of the
-    centres' spreads); t = mean(c^known) - s R mean(c^al).
-    When the reference centres coincide in either frame (a camera turning on the spot, or a degenerate
-    alignment) the centres say nothing about scale or rotation: then R is the chordal mean of the relative
-    rotations alone and s = `depth_scale` (the ratio of the references' known to aligned depths), if given;
-    otherwise that case is an error.
-    Returns (scale: float, rot (3, 3), trans (3,)), float64 on the input's device.
+    aligned_c2w, known_c2w: (K, 4, 4) camera-to-world poses of the same K >= 2 views. See
+    `reconx_core.geometry.camera_similarity` for the closed form; when the reference centres coincide the scale is
+    `depth_scale` (the references' known over aligned depths). Returns (scale, rot (3, 3), trans (3,)) float64.
     """
-    al, kn = aligned_c2w.double(), known_c2w.double()
-    if al.shape != kn.shape or al.dim() != 3 or al.shape[1:] != (4, 4):
-        raise InputError(f"aligned and known poses must both be (K, 4, 4), got {tuple(al.shape)} and "
-                         f"{tuple(kn.shape)}")
-    K = al.shape[0]
-    a, c = al[:, :3, 3], kn[:, :3, 3]
-    A, C = a - a.mean(0), c - c.mean(0)
-    norm_a, norm_c = float(A.norm()), float(C.norm())
-    known_same = norm_c <= 1e-6 * max(float(c.norm(dim=-1).max()), 1.0)
-    aligned_same = norm_a <= 1e-6 * max(float(a.norm(dim=-1).max()), 1.0)
-    rotations = (kn[:, :3, :3] @ al[:, :3, :3].transpose(1, 2)).sum(0)
-    if known_same or aligned_same:
-        if depth_scale is None or not math.isfinite(depth_scale) or depth_scale <= 0:
-            which = "known reference cameras share" if known_same else "aligned reference frames collapse to"
-            raise InputError(f"the {which} one camera centre, so the scene scale is undefined; use reference views "
-                             "taken from different positions")
+    scale, rot, trans = camera_similarity(aligned_c2w, known_c2w, depth_scale)
+    if depth_scale is not None and scale == float(depth_scale):
         log.warning("the reference cameras share one centre: scale taken from their depths (%.4g)", depth_scale)
-        rot, scale = roma.special_procrustes(rotations), float(depth_scale)
-    else:
-        rot = roma.special_procrustes(rotations + K * (C.T @ A) / (norm_c * norm_a))
-        scale = norm_c / norm_a
-    trans = c.mean(0) - scale * rot @ a.mean(0)
     return scale, rot, trans
 
 
@@ -145,9 +118,6 @@ def geometric_consistency(depths: torch.Tensor, cam_to_world: torch.Tensor, intr
     S, H, W = depths.shape
     depths, c2w, Ks = depths.float(), cam_to_world.float(), intrinsics.float()
     w2c = torch.linalg.inv(c2w)
-    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=depths.device),
-                          torch.arange(W, dtype=torch.float32, device=depths.device), indexing="ij")
-    pix = torch.stack((u, v, torch.ones_like(u)), dim=-1).reshape(-1, 3)
     neighbours = [set() for _ in range(S)]
     for i, j in edges.tolist():
         if i != j:
@@ -155,8 +125,7 @@ def geometric_consistency(depths: torch.Tensor, cam_to_world: torch.Tensor, intr
             neighbours[j].add(i)
     out = torch.empty(S, H * W, device=depths.device)
     for i in range(S):
-        rays = pix @ torch.linalg.inv(Ks[i]).T
-        world = (rays * depths[i].reshape(-1, 1)) @ c2w[i, :3, :3].T + c2w[i, :3, 3]
+        world = backproject_depth(depths[i:i + 1], Ks[i:i + 1], c2w[i:i + 1]).reshape(-1, 3)
         scores = [torch.full((H * W,), -1.0, device=depths.device)]  # -1 = "not seen"; fills stay below 0
         for j in sorted(neighbours[i]):
             cam = world @ w2c[j, :3, :3].T + w2c[j, :3, 3]
@@ -177,7 +146,7 @@ def geometric_consistency(depths: torch.Tensor, cam_to_world: torch.Tensor, intr
         kth = stacked.topk(m, dim=-1).values[:, -1]
         out[i] = torch.where(kth < 0, torch.full_like(kth, unseen), kth)
         if callback is not None:
-            callback(i, S)
+            callback(i + 1, S)
     return out.reshape(S, H, W)
 
 
@@ -260,9 +229,7 @@ def map_confidence_from_pairs(pairs: PairPredictions, reference_index, reference
         depth_scale = float((reference_depths.to(device).float() / aligned_depth).median())
     scale, rot, trans = reference_similarity(c2w_al[refs], known.to(device), depth_scale)
     rot32, trans32 = rot.float(), trans.float()
-    c2w = c2w_al.clone()
-    c2w[:, :3, :3] = rot32 @ c2w_al[:, :3, :3]
-    c2w[:, :3, 3] = scale * c2w_al[:, :3, 3] @ rot32.T + trans32
+    c2w = transform_cameras(scene.cameras, scale, rot32, trans32).cam_to_world
     pts3d = scale * scene.pts3d @ rot32.T + trans32
     depths = scene.depths * scale
 
@@ -322,8 +289,8 @@ def map_confidence(model, views: Views, *, window: int = 3, reference_links: str
     integers); depths and confidences are resampled bilinearly (frame pixel u at network position s (u + 0.5) - 0.5)
     and pts3d is the resampled depth back-projected through these intrinsics and poses, so points, cameras and
     depths agree exactly at the frame size.
-    views.info["reference_depths"] (optional, (K,)): the references' median depths in the first stage, used for
-    the scale when the reference cameras share one centre.
+    views.reference_depths (optional, (K,)): the references' median depths in the first stage, used for the scale
+    when the reference cameras share one centre.
     callback(step, total): DUSt3R batches, then alignment steps, then one per frame.
     Returns a new Views on views.device: cameras (S) of size (W, H), conf (S, H, W) in [0, 1], pts3d (S, H, W, 3)
     world frame; info adds "confidence" (network size, edges count, similarity, reference residuals, align loss).
@@ -354,21 +321,15 @@ def map_confidence(model, views: Views, *, window: int = 3, reference_links: str
     frames = _resize(views.frames.to(device=device, dtype=torch.float32), (h, w)).clamp(0, 1)
     pairs = infer_pairs(model, frames, graph=edges, batch_size=batch_size, callback=progress(0))
     known = views.reference_cameras.cam_to_world.to(device)
-    ref_depths = views.info.get("reference_depths")
     scene = map_confidence_from_pairs(pairs, refs, known, niter=niter, lr=lr, min_conf_thr=min_conf_thr,
                                       depth_tol=depth_tol, min_views=min_views, unseen=unseen,
-                                      reference_depths=None if ref_depths is None else torch.as_tensor(ref_depths),
-                                      callback=progress(n_inf))
+                                      reference_depths=views.reference_depths, callback=progress(n_inf))
     sx, sy = w / W, h / H
     K = scale_intrinsics(scene.cameras.intrinsics, 1 / sx, 1 / sy)  # network size -> frame size
     depth = _resize(scene.depths.unsqueeze(1), (H, W)).squeeze(1)
     conf = _resize(scene.conf.unsqueeze(1), (H, W)).squeeze(1).clamp(0, 1)
-    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=device),
-                          torch.arange(W, dtype=torch.float32, device=device), indexing="ij")
-    pix = torch.stack((u, v, torch.ones_like(u)), dim=-1)
-    rays = pix.unsqueeze(0) @ torch.linalg.inv(K).transpose(1, 2).unsqueeze(1)  # (S, H, W, 3)
     c2w = scene.cameras.cam_to_world
-    pts3d = (rays * depth.unsqueeze(-1)) @ c2w[:, None, :3, :3].transpose(-1, -2) + c2w[:, None, None, :3, 3]
+    pts3d = backproject_depth(depth, K, c2w)
     info_conf = {"network_hw": (h, w), "edges": int(edges.shape[0]), "window": int(window),
                  "similarity": scene.info["similarity"], "align_loss": scene.info["align_loss"],
                  "reference_rot_err_deg": scene.info["reference_rot_err_deg"],

@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .geometry import scale_intrinsics
 from .types import Cameras
+
+__all__ = ["crop_box", "crop_resize", "scale_intrinsics"]
 
 
 def crop_box(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int, int, int]:
@@ -19,20 +22,6 @@ def crop_box(width: int, height: int, target_w: int, target_h: int) -> tuple[int
     else:
         w, h = width, round(width * target_h / target_w)
     return (width - w) // 2, (height - h) // 2, w, h
-
-
-def scale_intrinsics(intrinsics: torch.Tensor, sx: float, sy: float, x0: float = 0.0, y0: float = 0.0) -> torch.Tensor:
-    """Intrinsics (N, 3, 3) after cropping at (x0, y0) and resizing by (sx, sy) with align_corners=False.
-
-    Pixel centres sit at integer coordinates, so a pixel u of the crop lands at u' = s (u + 0.5) - 0.5:
-    cx' = sx (cx - x0 + 0.5) - 0.5, fx' = sx fx (and likewise in y). Returns a new tensor.
-    """
-    K = intrinsics.clone()
-    K[:, 0, 0] *= sx
-    K[:, 1, 1] *= sy
-    K[:, 0, 2] = sx * (K[:, 0, 2] - x0 + 0.5) - 0.5
-    K[:, 1, 2] = sy * (K[:, 1, 2] - y0 + 0.5) - 0.5
-    return K
 
 
 def crop_resize(images: torch.Tensor, cameras: Cameras, height: int, width: int) -> tuple[torch.Tensor, Cameras]:
@@ -54,17 +43,3 @@ def crop_resize(images: torch.Tensor, cameras: Cameras, height: int, width: int)
         cropped, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     K = scale_intrinsics(cameras.intrinsics, sx, sy, x0, y0)
     return resized.clamp(0, 1), Cameras(cameras.cam_to_world.clone(), K, width, height)
-
-
-def median_depths(depths, conf=None, min_conf: float | None = None):
-    """(N,) median depth of each view over its confident pixels (all pixels where none pass).
-
-    depths: (N, H, W); conf: optional (N, H, W) with `min_conf` the threshold.
-    """
-    out = []
-    for i in range(depths.shape[0]):
-        d = depths[i]
-        if conf is not None and min_conf is not None and bool((conf[i] > min_conf).any()):
-            d = d[conf[i] > min_conf]
-        out.append(d.flatten().median())
-    return torch.stack(out)

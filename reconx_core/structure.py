@@ -131,21 +131,30 @@ class PointCloudEncoder(nn.Module):
         return self.norm_out(x)
 
 
-def scene_points(scene: Scene, max_points: int = 65536, min_conf: float = 3.0) -> torch.Tensor:
+def scene_points(scene: Scene, max_points: int = 65536) -> torch.Tensor:
     """The scene's confident world points as one cloud: (1, N, 3) float32, N <= max_points.
 
-    Keeps pixels with conf >= min_conf (DUSt3R confidences are >= 1; 3 is the official `min_conf_thr`) and
-    finite coordinates, then takes an evenly strided subset (deterministic) if more than max_points remain.
+    Keeps `scene.confident_mask()` (conf > scene.min_conf, finite points), then takes an evenly strided subset
+    (deterministic) if more than max_points remain.
     """
     if max_points < 1:
         raise InputError(f"max_points must be >= 1, got {max_points}")
-    pts = scene.pts3d.reshape(-1, 3)
-    keep = (scene.conf.reshape(-1) >= min_conf) & torch.isfinite(pts).all(dim=-1)
-    pts = pts[keep]
+    pts = scene.pts3d[scene.confident_mask()]
     if pts.shape[0] == 0:
-        raise InputError(f"no point has confidence >= {min_conf} (max is {scene.conf.max().item():.2f}); "
-                         "lower min_conf")
+        raise InputError(f"no point has confidence above {scene.min_conf:g} (max is {scene.conf.max().item():.2f}); "
+                         "lower the minimum confidence of ReconX DUSt3R Global Alignment")
     if pts.shape[0] > max_points:
         sel = torch.linspace(0, pts.shape[0] - 1, max_points, device=pts.device).round().long()
         pts = pts[sel]
     return pts.float()[None]
+
+
+def encode_scene(encoder: PointCloudEncoder, scene: Scene, max_points: int = 65536,
+                 callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """ReconX structure tokens of a scene: `encoder(scene_points(scene, max_points))`, on the encoder's device.
+
+    Returns (1, ceil(N/8), dim) in the encoder's dtype, N <= max_points confident points.
+    """
+    device = next(encoder.parameters()).device
+    with torch.no_grad():
+        return encoder(scene_points(scene, max_points).to(device), callback=callback)

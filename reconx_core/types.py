@@ -134,12 +134,14 @@ class PairPredictions:
 class Scene:
     """Views aligned in one world frame.
 
-    cameras: Cameras of the N views, images of size (W, H).
-    depths:  (N, H, W) float32, z-depth in each camera.
-    pts3d:   (N, H, W, 3) float32, world frame.
-    conf:    (N, H, W) float32, per-pixel confidence (DUSt3R's, >= 1 unless stated in info).
-    images:  (N, 3, H, W) float32 in [0, 1].
-    info:    free-form metadata (loss, graph, timings); tensors in it move with `.to`.
+    cameras:  Cameras of the N views, images of size (W, H).
+    depths:   (N, H, W) float32, z-depth in each camera.
+    pts3d:    (N, H, W, 3) float32, world frame.
+    conf:     (N, H, W) float32, per-pixel confidence (DUSt3R's raw confidence, >= 1, after alignment).
+    images:   (N, 3, H, W) float32 in [0, 1].
+    info:     free-form metadata (loss, graph, timings); tensors in it move with `.to`.
+    min_conf: the confidence a pixel must exceed to count as confident (`confident_mask`); the alignment sets
+              it to its `min_conf_thr` (DUSt3R's default 3). Every later stage filters through it.
     """
 
     cameras: Cameras
@@ -148,6 +150,7 @@ class Scene:
     conf: torch.Tensor
     images: torch.Tensor
     info: dict = field(default_factory=dict)
+    min_conf: float = 0.0
 
     def __post_init__(self):
         N, H, W = len(self.cameras), self.cameras.height, self.cameras.width
@@ -155,6 +158,7 @@ class Scene:
         _check("pts3d", self.pts3d, (N, H, W, 3))
         _check("conf", self.conf, (N, H, W))
         _check("images", self.images, (N, 3, H, W))
+        self.min_conf = float(self.min_conf)
 
     def __len__(self) -> int:
         return len(self.cameras)
@@ -162,6 +166,21 @@ class Scene:
     @property
     def device(self) -> torch.device:
         return self.pts3d.device
+
+    def confident_mask(self) -> torch.Tensor:
+        """(N, H, W) bool: conf > min_conf (DUSt3R's `get_masks`) and a finite point."""
+        return (self.conf > self.min_conf) & torch.isfinite(self.pts3d).all(dim=-1)
+
+    def confident_points(self, views=None) -> tuple:
+        """The confident points of `views` (default: all) and their colours: (M, 3) world frame, (M, 3) in [0, 1]."""
+        idx = slice(None) if views is None else list(views)
+        mask = self.confident_mask()[idx]
+        return self.pts3d[idx][mask], self.images[idx].permute(0, 2, 3, 1)[mask]
+
+    def median_depths(self) -> torch.Tensor:
+        """(N,) median depth of each view over its confident pixels (all its pixels where none is confident)."""
+        mask = self.confident_mask()
+        return torch.stack([d[m].median() if bool(m.any()) else d.median() for d, m in zip(self.depths, mask)])
 
     def to(self, device=None, dtype=None) -> "Scene":
         return _move(self, device, dtype)
@@ -226,13 +245,17 @@ class Gaussians:
 class Views:
     """Generated frames between reference views, with what is known about them (RECONX_VIEWS).
 
-    frames:          (S, 3, H, W) float in [0, 1]; the reference views sit at `reference_index`.
-    reference_index: (K,) long, frame index of each reference view (increasing; first 0, last S-1).
+    frames:            (S, 3, H, W) float in [0, 1]; the reference views sit at `reference_index`.
+    reference_index:   (K,) long, frame index of each reference view (increasing; first 0, last S-1).
     reference_cameras: Cameras of the K reference views at the frames' size (W, H).
-    cameras:         optional Cameras of all S frames (after confidence mapping).
-    conf:            optional (S, H, W) float in [0, 1], per-pixel confidence of each frame.
-    pts3d:           optional (S, H, W, 3) float, world frame, per-frame point maps.
-    info:            free-form metadata.
+    cameras:           optional Cameras of all S frames, recovered by confidence mapping.
+    conf:              optional (S, H, W) float in [0, 1], per-pixel confidence of each frame (the fit's weight).
+    pts3d:             optional (S, H, W, 3) float, world frame, per-frame point maps.
+    intended_cameras:  optional Cameras of all S frames: the camera path the frames were generated for (renders
+                       along it guided the video model), when known; confidence mapping may start from it.
+    reference_depths:  optional (K,) median depth of each reference view in the scene they came from (fixes the
+                       scale when the reference cameras share one centre).
+    info:              free-form metadata.
     """
 
     frames: torch.Tensor
@@ -242,6 +265,8 @@ class Views:
     conf: Optional[torch.Tensor] = None
     pts3d: Optional[torch.Tensor] = None
     info: dict = field(default_factory=dict)
+    intended_cameras: Optional[Cameras] = None
+    reference_depths: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         _check("frames", self.frames, (None, 3, None, None))
@@ -253,12 +278,17 @@ class Views:
         idx = self.reference_index
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= S):
             raise InputError(f"reference_index {idx.tolist()} outside the {S} frames")
-        if self.cameras is not None and (len(self.cameras) != S or (self.cameras.height, self.cameras.width) != (H, W)):
-            raise InputError(f"cameras must be {S} cameras of size {W}x{H}")
         if self.conf is not None:
             _check("conf", self.conf, (S, H, W))
         if self.pts3d is not None:
             _check("pts3d", self.pts3d, (S, H, W, 3))
+        for name in ("cameras", "intended_cameras"):
+            cams = getattr(self, name)
+            if cams is not None and (len(cams) != S or (cams.height, cams.width) != (H, W)):
+                raise InputError(f"{name} must be {S} cameras of size {W}x{H}, got {len(cams)} of "
+                                 f"{cams.width}x{cams.height}")
+        if self.reference_depths is not None:
+            _check("reference_depths", self.reference_depths, (len(self.reference_cameras),))
 
     def __len__(self) -> int:
         return self.frames.shape[0]

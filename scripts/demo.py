@@ -122,10 +122,10 @@ def crop_like_dust3r(array: torch.Tensor, width: int, height: int) -> tuple[torc
     return resized[y0:y0 + height, x0:x0 + width], scale
 
 
-def evaluate(scene, gt_depth_mm: torch.Tensor, resize: float, min_conf: float) -> dict:
+def evaluate(scene, gt_depth_mm: torch.Tensor, resize: float) -> dict:
     """Compare view 0 with the ground truth after the one unknown global scale (median ratio)."""
     pred = scene.depths[0].float().cpu()
-    valid = torch.isfinite(gt_depth_mm) & (scene.conf[0].cpu() > min_conf)
+    valid = torch.isfinite(gt_depth_mm) & scene.confident_mask()[0].cpu()
     scale = torch.median(gt_depth_mm[valid] / pred[valid])
     abs_rel = ((pred[valid] * scale - gt_depth_mm[valid]).abs() / gt_depth_mm[valid]).mean()
     focal_gt = FOCAL_PX * resize
@@ -170,7 +170,7 @@ def run_stage1(dust3r, photos: torch.Tensor, disparity, out: Path, prefix: str, 
     """DUSt3R pair inference + global alignment; writes the point cloud, cameras and depth maps."""
     from PIL import Image
 
-    from reconx_core.align import align_views, clean_scene, confidence_masks
+    from reconx_core.align import align_views, clean_scene
     from reconx_core.dust3r import infer_pairs, prepare_images
     from reconx_core.export import point_cloud_ply_bytes
     from reconx_core.preview import depth_preview
@@ -180,21 +180,19 @@ def run_stage1(dust3r, photos: torch.Tensor, disparity, out: Path, prefix: str, 
     with torch.inference_mode():
         pairs = infer_pairs(dust3r, views, graph="complete", batch_size=2)
     t1 = time.perf_counter()
-    scene = clean_scene(align_views(pairs, niter=args.iterations, min_conf_thr=args.min_confidence))
-    t2 = time.perf_counter()
-    log.info("stage 1: pair inference %.1f s, global alignment %.1f s (loss %.5f)", t1 - t0, t2 - t1,
-             scene.info["loss"])
     min_conf = args.min_confidence if not args.tiny else 1.0  # random weights: confidences barely above 1
-    scene.info["min_conf_thr"] = min_conf
-    valid = confidence_masks(scene.conf, min_conf)
-    colours = scene.images.permute(0, 2, 3, 1)
-    (out / f"{prefix}points.ply").write_bytes(point_cloud_ply_bytes(scene.pts3d[valid], colours[valid]))
+    scene = clean_scene(align_views(pairs, niter=args.iterations, min_conf_thr=min_conf))
+    t2 = time.perf_counter()
+    log.info("stage 1: pair inference %.1f s, global alignment %.1f s (%s)", t1 - t0, t2 - t1,
+             "pair viewer, no loss" if scene.info.get("mode") == "pairviewer" else f"loss {scene.info['loss']:.5f}")
+    valid = scene.confident_mask()
+    (out / f"{prefix}points.ply").write_bytes(point_cloud_ply_bytes(*scene.confident_points()))
     gt_depth, resize = crop_like_dust3r(torch.from_numpy(ground_truth_depth(disparity.copy())), views.shape[-1],
                                         views.shape[-2])
-    metrics = evaluate(scene, gt_depth, resize, min_conf)
+    metrics = evaluate(scene, gt_depth, resize)
     cameras = {"width": scene.cameras.width, "height": scene.cameras.height,
                "cam_to_world": scene.cameras.cam_to_world.tolist(), "intrinsics": scene.cameras.intrinsics.tolist(),
-               "alignment_loss": float(scene.info["loss"]), "ground_truth_comparison": metrics,
+               "alignment_loss": float(scene.info.get("loss", float("nan"))), "ground_truth_comparison": metrics,
                "smoke_run_with_random_weights": bool(args.tiny)}
     (out / f"{prefix}cameras.json").write_text(json.dumps(cameras, indent=1))
     strip = torch.cat(list(depth_preview(scene.depths, valid).cpu()), dim=1)
@@ -210,37 +208,25 @@ def run_stages2to5(dust3r, video, scene, out: Path, prefix: str, args) -> None:
     """Structure tokens -> interpolation -> confidence mapping -> 3DGS -> fly-through."""
     from reconx_core.camera_path import interpolate_cameras
     from reconx_core.confidence import map_confidence
-    from reconx_core.framing import crop_resize, median_depths
-    from reconx_core.gaussians import fit_gaussians, init_from_points, render, save_ply
-    from reconx_core.structure import scene_points
-    from reconx_core.types import Views
-    from reconx_core.video import interpolate, reference_frame_indices
+    from reconx_core.gaussians import FitConfig, fit_to_views, render, save_ply
+    from reconx_core.structure import encode_scene
+    from reconx_core.video import interpolate_views
 
-    height, width = video.config["resolution"]
-    refs, ref_cameras = crop_resize(scene.images, scene.cameras, height, width)
     structure = None
     if video.structure_encoder is not None:
-        with torch.no_grad():
-            points = scene_points(scene, max_points=args.structure_points, min_conf=scene.info["min_conf_thr"])
-            structure = video.structure_encoder(points.to(video.device))
+        structure = encode_scene(video.structure_encoder, scene, max_points=args.structure_points)
     t0 = time.perf_counter()
-    frames = interpolate(video, refs, structure=structure, steps=args.video_steps, frames=args.frames, seed=0)
-    index = torch.as_tensor(reference_frame_indices(refs.shape[0], args.frames), device=frames.device)
-    views = Views(frames=frames, reference_index=index, reference_cameras=ref_cameras.to(frames.device),
-                  info={"reference_depths": median_depths(scene.depths, scene.conf, scene.info["min_conf_thr"])})
+    views = interpolate_views(video, scene, structure=structure, steps=args.video_steps, frames=args.frames, seed=0)
+    frames = views.frames
     t1 = time.perf_counter()
     save_webp(frames, out / f"{prefix}frames.webp", fps=8)
     save_sheet(frames, out / f"{prefix}frames.png")
     views = map_confidence(dust3r, views, niter=args.iterations)
     t2 = time.perf_counter()
     save_sheet(views.conf, out / f"{prefix}confidence.png")
-    ends = [0, len(views) - 1]
-    keep = views.conf[ends] >= min(0.5, float(views.conf[ends].median()))
-    init = init_from_points(views.pts3d[ends][keep], views.frames[ends].permute(0, 2, 3, 1)[keep],
-                            max_points=args.max_points)
-    gaussians = fit_gaussians(views.frames, views.cameras, conf=views.conf, init=init, steps=args.fit_steps,
-                              weights=(0.8, 0.2, args.lpips_weight),
-                              lpips_dirs=[str(Path(args.models_dir) / "reconx")])
+    config = FitConfig(steps=args.fit_steps, weights=(0.8, 0.2, args.lpips_weight), max_points=args.max_points,
+                       lpips_dirs=[str(Path(args.models_dir) / "reconx")])
+    gaussians = fit_to_views(views, config).gaussians
     t3 = time.perf_counter()
     save_ply(gaussians, out / f"{prefix}gaussians.ply")
     path = interpolate_cameras(views.cameras, args.flythrough_frames)
@@ -288,7 +274,7 @@ def main() -> int:
     if args.tiny:
         import tempfile
 
-        from reconx_core.tiny import write_tiny_models
+        from reconx_core.testing import write_tiny_models
 
         log.info("SMOKE RUN with tiny random-weight models: the outputs are noise, not a reconstruction")
         args.iterations, args.frames, args.video_steps = min(args.iterations, 50), 4, min(args.video_steps, 3)

@@ -25,5 +25,5 @@ def plane_scene(n_views: int = 2, height: int = 48, width: int = 64, depth: floa
                           0.5 + 0.4 * torch.cos(4 * pts[..., 1]),
                           0.5 + 0.3 * torch.sin(5 * world_x * pts[..., 1] + math.pi / 3)], dim=1)
     scene = Scene(Cameras(c2w, K, width, height), depths, pts, torch.full((n_views, height, width), conf), images,
-                  info={"min_conf_thr": 3.0})
+                  min_conf=3.0)
     return scene.to(device)

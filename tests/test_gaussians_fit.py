@@ -16,12 +16,14 @@ import pytest
 import torch
 
 from reconx_core.errors import InputError, ResourceError
-from reconx_core.gaussians import fit_gaussians, init_from_scene, load_lpips, render, ssim_map
+from reconx_core.gaussians import FitConfig, fit_gaussians, init_from_scene, load_lpips, optimize_gaussians, render, ssim_map
 from tests.synthetic_textured import arc_cameras, make_scene, psnr, render_exact
 
 H, W = 48, 72
 TRAIN_ANGLES = [-0.35 + 0.7 * k / 5 for k in range(6)]
 TEST_ANGLES = [-0.21, 0.07, 0.21]   # between training views
+# Measured: 23.9 dB without densification, 28.9 dB with it (+5.0 dB); half of that gain is required.
+DENSIFY_GAIN_DB = 2.5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -138,13 +140,44 @@ def test_fit_input_errors(data):
         fit_gaussians(train.images, train.cameras, init=None, steps=1, weights=(1, 0, 0))
 
 
-def test_densify_and_pose_refinement_run_and_improve(data):
+def test_densification_beats_the_same_fit_without_it(data):
+    """From a sparse init (300 points), clone/split must add Gaussians where the images need them: against the
+    same fit (same init, seed, steps) without densification, the held-out PSNR must rise by a stated margin."""
     train, test_cams, test_images = data
-    init = init_from_scene(train, max_points=800)
-    g, cams = fit_gaussians(train.images, train.cameras, init=init, steps=60, weights=(0.8, 0.2, 0.0),
-                            densify=True, refine_poses=True, return_cameras=True)
-    assert len(g) != len(init)                       # clone/split/prune changed the set
-    assert torch.isfinite(g.means).all() and torch.isfinite(cams.cam_to_world).all()
-    moved = (cams.cam_to_world - train.cameras.cam_to_world).abs().max()
-    assert 0 < moved < 0.05                          # small se(3) corrections, not a jump
-    assert heldout_psnr(g, test_cams, test_images) > heldout_psnr(init, test_cams, test_images) + 3
+    init = init_from_scene(train, max_points=300)
+    common = dict(steps=200, weights=(0.8, 0.2, 0.0), seed=0)
+    plain = optimize_gaussians(train.images, train.cameras, init, config=FitConfig(**common))
+    dense = optimize_gaussians(train.images, train.cameras, init, config=FitConfig(densify=True, **common))
+    p_plain, p_dense = heldout_psnr(plain.gaussians, test_cams, test_images), \
+        heldout_psnr(dense.gaussians, test_cams, test_images)
+    print(f"held-out PSNR without densification {p_plain:.2f} dB ({len(plain.gaussians)} Gaussians), with "
+          f"{p_dense:.2f} dB ({len(dense.gaussians)} Gaussians, {dense.densify_events} densification steps)")
+    assert dense.densify_events > 0 and len(dense.gaussians) > len(plain.gaussians)
+    assert p_dense >= p_plain + DENSIFY_GAIN_DB
+
+
+def test_pose_refinement_moves_perturbed_cameras_back_towards_the_truth(data):
+    """Cameras perturbed by a known small se(3) error (0.01 rad, 0.01 units): refining them with the fit must
+    shrink that error. The fit may also move the whole reconstruction (cameras and Gaussians together: a gauge
+    freedom), so the error is measured after the best similarity onto the true cameras."""
+    from reconx_core.geometry import camera_similarity, refine_cameras, transform_cameras
+
+    train, _, _ = data
+
+    def error(cams):
+        s, R, t = camera_similarity(cams.cam_to_world, train.cameras.cam_to_world)
+        aligned = transform_cameras(cams, s, R.float(), t.float())
+        return float((aligned.cam_to_world - train.cameras.cam_to_world)[:, :3].abs().mean())
+
+    g = torch.Generator().manual_seed(3)
+    noise = torch.cat([0.01 * torch.randn(len(train), 3, generator=g), 0.01 * torch.randn(len(train), 3, generator=g)],
+                      1)
+    noisy = refine_cameras(train.cameras, noise)
+    init = init_from_scene(train, max_points=2500)
+    result = optimize_gaussians(train.images, noisy, init, config=FitConfig(
+        steps=300, weights=(0.8, 0.2, 0.0), refine_poses=True, pose_lr=1e-3))
+    before, after = error(noisy), error(result.cameras)
+    print(f"mean camera-matrix error after a similarity: perturbed {before:.5f}, refined {after:.5f}")
+    assert result.losses.shape == (300,) and torch.isfinite(result.losses).all()
+    # Measured: 0.00523 -> 0.0040 (ratio 0.77; fit seeds 0-3 give 0.00397-0.00404, a 1 % spread).
+    assert after < 0.85 * before

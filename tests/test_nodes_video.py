@@ -6,7 +6,7 @@ import torch
 from nodes import comfy_bridge as bridge
 from nodes.video_nodes import ReconXEncodePointCloud, ReconXInterpolate, ReconXVideoModelLoader
 from reconx_core.errors import InputError, ResourceError
-from reconx_core.tiny import TINY_BRANCH, TINY_VIDEO, write_tiny_models
+from reconx_core.testing import TINY_BRANCH, TINY_VIDEO, write_tiny_models
 from reconx_core.types import Views
 from tests.scene_factory import plane_scene
 

@@ -15,7 +15,7 @@ from nodes.confidence_nodes import ReconXConfidence
 from nodes.dust3r_nodes import ReconXDust3rAlign, ReconXDust3rLoader
 from nodes.gaussian_nodes import ReconXFitGaussians, ReconXRenderGaussians
 from nodes.video_nodes import ReconXEncodePointCloud, ReconXInterpolate, ReconXVideoModelLoader
-from reconx_core.tiny import TINY_BRANCH, TINY_DUST3R, TINY_VIDEO, write_tiny_models
+from reconx_core.testing import TINY_BRANCH, TINY_DUST3R, TINY_VIDEO, write_tiny_models
 from reconx_core.types import Scene, Views
 
 # Modules allowed to use numpy: the input boundary (DUSt3R's official PIL preprocessing of the photos) and the

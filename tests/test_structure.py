@@ -78,28 +78,29 @@ def test_callback_reports_fps_progress():
     assert calls[-1] == (512, 512) and calls[0] == (256, 512)
 
 
-def _scene(conf):
+def _scene(conf, min_conf=3.0):
     n, h, w = conf.shape
     g = torch.Generator().manual_seed(1)
     pts = torch.randn(n, h, w, 3, generator=g)
     cams = Cameras(torch.eye(4).expand(n, 4, 4).clone(), torch.eye(3).expand(n, 3, 3).clone(), w, h)
-    return Scene(cams, pts[..., 2].abs(), pts, conf, torch.rand(n, 3, h, w, generator=g))
+    return Scene(cams, pts[..., 2].abs(), pts, conf, torch.rand(n, 3, h, w, generator=g), min_conf=min_conf)
 
 
 def test_scene_points_filters_by_confidence_and_caps_the_budget():
     conf = torch.ones(2, 4, 5)
     conf[0, :2] = 5.0  # 10 confident pixels in view 0
-    conf[1, 3, :3] = 3.0  # 3 in view 1 (threshold is inclusive)
+    conf[1, 3, :3] = 3.5  # 3 in view 1
+    conf[1, 0, 0] = 3.0  # exactly at the threshold: not confident (conf > min_conf, as DUSt3R's get_masks)
     scene = _scene(conf)
-    pts = scene_points(scene, max_points=100, min_conf=3.0)
+    pts = scene_points(scene, max_points=100)
     assert pts.shape == (1, 13, 3)
     expected = torch.cat([scene.pts3d[0, :2].reshape(-1, 3), scene.pts3d[1, 3, :3]])
     assert torch.equal(pts[0], expected)
-    capped = scene_points(scene, max_points=4, min_conf=3.0)
+    capped = scene_points(scene, max_points=4)
     assert capped.shape == (1, 4, 3)
     assert torch.equal(capped[0, 0], expected[0]) and torch.equal(capped[0, -1], expected[-1])
-    with pytest.raises(InputError, match="lower min_conf"):
-        scene_points(scene, min_conf=10.0)
+    with pytest.raises(InputError, match="lower the minimum confidence"):
+        scene_points(_scene(conf, min_conf=10.0))
 
 
 def test_half_precision_encoder_keeps_the_positional_features_exact():

@@ -12,6 +12,8 @@ import math
 import roma
 import torch
 
+from ..geometry import pixel_grid
+
 log = logging.getLogger("reconx.align")
 
 
@@ -26,13 +28,6 @@ def signed_expm1(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.expm1(torch.abs(x))
 
 
-def pixel_grid(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(H, W, 2) pixel coordinates (u, v) = (column, row), centres at integers (DUSt3R's `xy_grid`)."""
-    v, u = torch.meshgrid(torch.arange(height, device=device, dtype=dtype),
-                          torch.arange(width, device=device, dtype=dtype), indexing="ij")
-    return torch.stack((u, v), dim=-1)
-
-
 def quat_trans_to_pose(quat: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
     """(..., 4) XYZW quaternion (normalised here) and (..., 3) translation -> (..., 4, 4) rigid transform."""
     rot = roma.unitquat_to_rotmat(roma.quat_normalize(quat))
@@ -41,37 +36,6 @@ def quat_trans_to_pose(quat: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
     pose[..., :3, 3] = trans
     pose[..., 3, 3] = 1
     return pose
-
-
-def similarity_to_matrix(scale, rot: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
-    """(3, 3) rotation, (3,) translation and a scalar scale -> (4, 4) [s R | t] (translation not scaled)."""
-    mat = torch.eye(4, dtype=rot.dtype, device=rot.device)
-    mat[:3, :3] = rot * scale
-    mat[:3, 3] = trans.reshape(3)
-    return mat
-
-
-def apply_transform(mat: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
-    """Apply (4, 4) `mat` (or a batch (B, 4, 4) to (B, ..., 3) points) to points (..., 3)."""
-    if mat.dim() == 2:
-        return pts @ mat[:3, :3].transpose(0, 1) + mat[:3, 3]
-    shape = pts.shape
-    flat = pts.reshape(shape[0], -1, 3)
-    out = torch.baddbmm(mat[:, None, :3, 3], flat, mat[:, :3, :3].transpose(1, 2))
-    return out.reshape(shape)
-
-
-def depth_to_camera_points(depth: torch.Tensor, focal: torch.Tensor, pp: torch.Tensor,
-                           grid: torch.Tensor) -> torch.Tensor:
-    """Back-project z-depths into each camera's frame.
-
-    depth: (N, P) z-depth; focal: (N,) pixels; pp: (N, 2) principal points; grid: (P, 2) pixel (u, v).
-    Returns (N, P, 3) points in camera frames, computed in the same order as the official
-    `_fast_depthmap_to_pts3d` (depth * (uv - pp) / f) so results agree to the last bit where possible.
-    """
-    d = depth.unsqueeze(-1)
-    xy = d * (grid.unsqueeze(0) - pp.unsqueeze(1)) / focal.view(-1, 1, 1)
-    return torch.cat((xy, d), dim=-1)
 
 
 def estimate_focal_weiszfeld(pts_cam: torch.Tensor, pp: torch.Tensor | None = None,

@@ -9,8 +9,9 @@ from typing import Callable, Optional
 import torch
 
 from ..errors import InputError
+from ..geometry import backproject_depth, intrinsics_from_focal
 from ..types import Cameras, PairPredictions, Scene
-from .geometry import pixel_grid, quat_trans_to_pose, signed_expm1
+from .geometry import quat_trans_to_pose, signed_expm1
 from .init import init_mst
 from .optimize import focals_of, learning_rate, objective, prepare_edges, pw_scales, run_adam
 from .pairviewer import pair_viewer
@@ -59,17 +60,12 @@ def image_confidence(edges: torch.Tensor, conf_i: torch.Tensor, conf_j: torch.Te
     return im_conf.view(n_views, H, W)
 
 
-def _build_scene(cam_to_world, focals, depths, im_conf, images, info) -> Scene:
+def _build_scene(cam_to_world, focals, depths, im_conf, images, info, min_conf: float) -> Scene:
     N, H, W = depths.shape
-    intrinsics = torch.zeros(N, 3, 3, dtype=torch.float32, device=depths.device)
-    intrinsics[:, 0, 0] = intrinsics[:, 1, 1] = focals
-    intrinsics[:, 0, 2], intrinsics[:, 1, 2], intrinsics[:, 2, 2] = W / 2, H / 2, 1
-    grid = pixel_grid(H, W, depths.device)
-    cam = torch.cat((depths.unsqueeze(-1) * (grid - intrinsics[:, None, None, :2, 2]) / focals.view(-1, 1, 1, 1),
-                     depths.unsqueeze(-1)), dim=-1)
-    pts3d = cam @ cam_to_world[:, None, :3, :3].transpose(-1, -2) + cam_to_world[:, None, None, :3, 3]
+    intrinsics = intrinsics_from_focal(focals.float(), W, H)
+    pts3d = backproject_depth(depths, intrinsics, cam_to_world)
     return Scene(cameras=Cameras(cam_to_world, intrinsics, W, H), depths=depths, pts3d=pts3d, conf=im_conf,
-                 images=images, info=info)
+                 images=images, info=info, min_conf=min_conf)
 
 
 def align_views(pairs: PairPredictions, *, niter: int = 300, lr: float = 0.01, schedule: str = "cosine",
@@ -85,12 +81,13 @@ def align_views(pairs: PairPredictions, *, niter: int = 300, lr: float = 0.01, s
     instead (no optimisation; info["loss"] is NaN there, as officially).
 
     pairs: PairPredictions, edges (E, 2), point maps (E, H, W, 3), confidences (E, H, W), optional images.
-    min_conf_thr: the confidence under which pixels are left out of the PnP initialisation (and of
-    `confidence_masks`); base_scale, focal_break: the official parameterisation constants.
+    min_conf_thr: the confidence a pixel must exceed to take part in the PnP initialisation; it becomes the
+    returned scene's `min_conf`, which every later stage filters with (`Scene.confident_mask`).
+    base_scale, focal_break: the official parameterisation constants.
     callback(step, total): called once per Adam step; raise from it to stop.
     Returns a Scene on the input's device: cameras (cam-to-world, pixel intrinsics, principal point (W/2, H/2)),
     depths (N, H, W), pts3d (N, H, W, 3) world frame, conf (N, H, W) the per-view max of the raw confidences,
-    images (pairs.images or 0.5 grey). info: "loss" (the official objective, normalised by the total pixel count,
+    images (pairs.images or 0.5 grey), min_conf = min_conf_thr. info: "loss" (the official objective, normalised by the total pixel count,
     at the returned parameters), "loss_curve" (niter,) (before each step), "init_loss", "iterations", "mode",
     "pw_poses" (E, 4, 4) scaled edge-to-world transforms, "pw_scale" (E,), "timings" (seconds).
     """
@@ -119,7 +116,7 @@ def align_views(pairs: PairPredictions, *, niter: int = 300, lr: float = 0.01, s
                     "timings": {"total_s": time.perf_counter() - t_start}}
             if callback is not None:
                 callback(1, 1)
-            return _build_scene(cam_to_world, focals, depths, im_conf, images, info)
+            return _build_scene(cam_to_world, focals, depths, im_conf, images, info, min_conf_thr)
 
         params = init_mst(edges.tolist(), pts_i, pts_j, conf_i, conf_j, im_conf, min_conf_thr,
                           base_scale=base_scale, focal_break=focal_break)
@@ -134,10 +131,11 @@ def align_views(pairs: PairPredictions, *, niter: int = 300, lr: float = 0.01, s
         pw_poses = quat_trans_to_pose(params.pw_quat, signed_expm1(params.pw_log_trans))
         pw_poses[:, :3] *= pw_scale.view(-1, 1, 1)
         info = {"mode": "optimizer", "loss": final_loss, "init_loss": init_loss, "loss_curve": opt_info["loss_curve"],
-                "iterations": niter, "pw_poses": pw_poses, "pw_scale": pw_scale, "min_conf_thr": min_conf_thr,
+                "iterations": niter, "pw_poses": pw_poses, "pw_scale": pw_scale,
                 "timings": {"init_s": t_init - t_start, "optimize_s": opt_info["seconds"],
                             "total_s": time.perf_counter() - t_start}}
         log.info("aligned %d views over %d edges: loss %.6f -> %.6f in %d steps (%.2f s)", n_views, len(edges),
                  init_loss, final_loss, niter, info["timings"]["total_s"])
         depths = params.im_log_depth.exp().reshape(n_views, H, W).clone()
-        return _build_scene(cam_to_world, focals_of(params, focal_break).clone(), depths, im_conf, images, info)
+        return _build_scene(cam_to_world, focals_of(params, focal_break).clone(), depths, im_conf, images, info,
+                            min_conf_thr)

@@ -20,8 +20,8 @@ import roma
 import torch
 
 from ..errors import InputError
-from .geometry import (apply_transform, estimate_focal_weiszfeld, signed_log1p, similarity_to_matrix,
-                       weighted_procrustes)
+from ..geometry import similarity_matrix, transform_points
+from .geometry import estimate_focal_weiszfeld, signed_log1p, weighted_procrustes
 from .pnp import pnp_camera_pose
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,13 @@ def _focal_of(pts_cam: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def chain_spanning_tree(edges, pts_i, pts_j_in_i, conf_i, conf_j, im_conf, min_conf_thr, niter_pnp=10):
+def chain_spanning_tree(edges, pts_i, pts_j_in_i, conf_i, conf_j, im_conf, min_conf_thr):
     """Chain the tree's pairwise point maps into one frame (official `minimum_spanning_tree`).
 
     edges: list of (i, j); pts_*: (E, H, W, 3); conf_*: (E, H, W); im_conf: (N, H, W).
     Returns pts3d (N, H, W, 3) in the frame of the strongest edge's view i, focals (N,) list of floats,
-    cam_to_world (N, 4, 4) float32, and the tree as a list of (i, j).
-    `niter_pnp` is accepted for API parity; our PnP is deterministic (see pnp.py).
+    cam_to_world (N, 4, 4) float32, and the tree as a list of (i, j). Views the tree reaches only through their
+    second-view map are posed by our deterministic PnP (pnp.py) on the pixels above `min_conf_thr`.
     """
     n_views = im_conf.shape[0]
     device = pts_i.device
@@ -126,16 +126,16 @@ def chain_spanning_tree(edges, pts_i, pts_j_in_i, conf_i, conf_j, im_conf, min_c
             if i in done:
                 s, rot, trans = weighted_procrustes(pts_i[e].reshape(-1, 3), pts3d[i].reshape(-1, 3),
                                                     conf_i[e].reshape(-1))
-                pts3d[j] = apply_transform(similarity_to_matrix(s, rot, trans), pts_j_in_i[e])
+                pts3d[j] = transform_points(similarity_matrix(s, rot, trans), pts_j_in_i[e])
                 done.add(j)
             else:
                 s, rot, trans = weighted_procrustes(pts_j_in_i[e].reshape(-1, 3), pts3d[j].reshape(-1, 3),
                                                     conf_j[e].reshape(-1))
-                pts3d[i] = apply_transform(similarity_to_matrix(s, rot, trans), pts_i[e])
+                pts3d[i] = transform_points(similarity_matrix(s, rot, trans), pts_i[e])
                 done.add(i)
             tree_edges.append((i, j))
             if poses[i] is None:
-                poses[i] = similarity_to_matrix(1.0, rot, trans)
+                poses[i] = similarity_matrix(1.0, rot, trans)
         else:
             todo.insert(0, (score, i, j))  # neither end placed yet: retry later
 
@@ -163,8 +163,8 @@ def init_mst(edges, pts_i, pts_j_in_i, conf_i, conf_j, im_conf, min_conf_thr, *,
              focal_break=20.0) -> RawParams:
     """Initial raw parameters from the maximum spanning tree (official `init_minimum_spanning_tree`).
 
-    Inputs as `chain_spanning_tree`. The per-edge similarities come from one batched weighted Procrustes of every
-    edge's view-i map onto the chained map of view i.
+    Inputs as `chain_spanning_tree`. Each edge's similarity is a weighted Procrustes (weights conf_i) of the
+    edge's view-i map onto the chained map of view i, one edge per call (see below).
     """
     E, H, W, _ = pts_i.shape
     edges = [(int(i), int(j)) for i, j in edges]
@@ -172,7 +172,7 @@ def init_mst(edges, pts_i, pts_j_in_i, conf_i, conf_j, im_conf, min_conf_thr, *,
     # One registration per edge, not one batched call: per edge the result equals the official init bit for bit
     # (a batched float32 call sums in another order). It matters more than its size suggests: on the alignment
     # fixture, 1e-6 changes of the edge scales (batched, or even float64) move the worst relative-rotation error
-    # after 300 steps from 0.99x to 1.31x of the official run's. This runs once, outside the optimisation loop.
+    # after 300 steps by tens of percent (a chaotic statistic). This runs once, outside the optimisation loop.
     fits = [weighted_procrustes(pts_i[e].reshape(-1, 3), pts3d[i].reshape(-1, 3), conf_i[e].reshape(-1))
             for e, (i, _) in enumerate(edges)]
     scale, rot, trans = (torch.stack(parts) for parts in zip(*fits))
@@ -186,7 +186,7 @@ def init_mst(edges, pts_i, pts_j_in_i, conf_i, conf_j, im_conf, min_conf_thr, *,
     poses[:, :3, 3] *= s_factor
     pts3d = pts3d * s_factor
     world_to_cam = torch.linalg.inv(poses)
-    depth = apply_transform(world_to_cam, pts3d)[..., 2]
+    depth = transform_points(world_to_cam, pts3d)[..., 2]
     return RawParams(
         pw_quat=pw_quat.float(), pw_log_trans=pw_log_trans.float(), pw_log_scale=pw_log_scale.float(),
         im_quat=roma.rotmat_to_unitquat(poses[:, :3, :3]).float(), im_log_trans=signed_log1p(poses[:, :3, 3]).float(),

@@ -6,7 +6,8 @@ import logging
 
 import torch
 
-from .geometry import apply_transform, estimate_focal_weiszfeld
+from ..geometry import transform_points
+from .geometry import estimate_focal_weiszfeld
 from .pnp import pnp_camera_pose
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,9 @@ def pair_viewer(edges, pts_i, pts_j_in_i, conf_i, conf_j, im_conf, min_conf_thr:
     if confs[0] > confs[1]:  # world = camera 0
         e = index[(0, 1)]
         poses = [eye, rel_poses[1]]
-        depths = [pts_i[e][..., 2], apply_transform(torch.linalg.inv(rel_poses[1]), pts_j_in_i[e])[..., 2]]
+        depths = [pts_i[e][..., 2], transform_points(torch.linalg.inv(rel_poses[1]), pts_j_in_i[e])[..., 2]]
     else:  # world = camera 1
         e = index[(1, 0)]
         poses = [rel_poses[0], eye]
-        depths = [apply_transform(torch.linalg.inv(rel_poses[0]), pts_j_in_i[e])[..., 2], pts_i[e][..., 2]]
+        depths = [transform_points(torch.linalg.inv(rel_poses[0]), pts_j_in_i[e])[..., 2], pts_i[e][..., 2]]
     return torch.stack(poses), torch.tensor(focals, dtype=torch.float32, device=device), torch.stack(depths)

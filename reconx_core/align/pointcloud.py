@@ -1,4 +1,4 @@
-"""Confidence masks and the clean-point-cloud step for an aligned Scene."""
+"""The clean-point-cloud step for an aligned Scene, and the official confidence masks."""
 
 from __future__ import annotations
 
@@ -11,14 +11,10 @@ from ..types import Scene
 
 
 def confidence_masks(conf: torch.Tensor, min_conf_thr: float = 3.0) -> torch.Tensor:
-    """(N, H, W) bool: pixels whose confidence is above `min_conf_thr` (official `get_masks`)."""
+    """(N, H, W) bool: pixels whose confidence is above `min_conf_thr` (official `get_masks`).
+
+    For a Scene use `scene.confident_mask()`, which applies the scene's own threshold."""
     return conf > min_conf_thr
-
-
-def masked_points(scene: Scene, min_conf_thr: float = 3.0):
-    """The confident points of a scene and their colours: (M, 3) world frame, (M, 3) RGB in [0, 1]."""
-    mask = confidence_masks(scene.conf, min_conf_thr)
-    return scene.pts3d[mask], scene.images.permute(0, 2, 3, 1)[mask]
 
 
 @torch.no_grad()

@@ -111,7 +111,7 @@ def infer_pairs(model: Dust3R, images: torch.Tensor, graph: Union[str, torch.Ten
     images: (N, 3, H, W) float in [0, 1], already prepared (`prepare_images`); N >= 2.
     graph: a scene-graph name (see `make_pair_edges`, symmetrised) or an explicit (E, 2) long tensor of edges.
     batch_size: images per encoder forward and pairs per decoder forward.
-    callback(step, total): called once per batch (encoder batches, then pair batches).
+    callback(done, total): after each batch (encoder batches, then pair batches), done = 1 .. total.
     On CUDA with a float16/bfloat16 model the encoder and decoders run under autocast; heads run in float32.
     Returns PairPredictions on the model's device: edges (E, 2) long; pts_i, pts_j_in_i (E, H, W, 3) float32 in
     camera i's frame; conf_i, conf_j (E, H, W) float32 (>= 1); images (N, 3, H, W) float32.
@@ -145,7 +145,7 @@ def infer_pairs(model: Dust3R, images: torch.Tensor, graph: Union[str, torch.Ten
         feats.append(f)
         poss.append(p)
         if callback is not None:
-            callback(b, total)
+            callback(b + 1, total)
     feats, poss = torch.cat(feats), torch.cat(poss)
 
     pts_i = torch.empty(E, H, W, 3, device=device)
@@ -162,7 +162,7 @@ def infer_pairs(model: Dust3R, images: torch.Tensor, graph: Union[str, torch.Ten
         pts_i[sl], conf_i[sl] = pred1["pts3d"], pred1["conf"]
         pts_j[sl], conf_j[sl] = pred2["pts3d_in_other_view"], pred2["conf"]
         if callback is not None:
-            callback(n_enc + b, total)
+            callback(n_enc + b + 1, total)
     log.info("DUSt3R: %d views, %d pairs at %dx%d", N, E, W, H)
     return PairPredictions(edges=edges_dev, pts_i=pts_i, pts_j_in_i=pts_j, conf_i=conf_i, conf_j=conf_j,
                            images=views)

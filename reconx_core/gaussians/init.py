@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import InputError
-from ..types import Gaussians, Scene
+from ..types import Gaussians, Scene, Views
 from .sh import num_sh_bases, rgb_to_sh_dc
 
 log = logging.getLogger(__name__)
@@ -64,26 +64,41 @@ def init_from_points(points: torch.Tensor, colours: torch.Tensor, sh_degree: int
 
 
 def init_from_scene(scene: Scene, views: Optional[Sequence[int]] = None, max_points: Optional[int] = 100_000,
-                    min_conf: Optional[float] = None, sh_degree: int = 3, opacity: float = 0.1,
-                    seed: int = 0) -> Gaussians:
-    """Gaussians from a Scene's point maps.
+                    sh_degree: int = 3, opacity: float = 0.1, seed: int = 0) -> Gaussians:
+    """Gaussians from a Scene's confident points (`scene.confident_mask()`: conf > scene.min_conf).
 
     scene: pts3d (N, H, W, 3) world frame, images (N, 3, H, W) [0, 1] for the colours, conf (N, H, W).
-    views: indices of the views whose points are used (default: all).
-    max_points: random subsample budget.  min_conf: drop points whose confidence is below this (default: keep all).
+    views: indices of the views whose points are used (default: all).  max_points: random subsample budget.
     """
     idx = list(range(len(scene))) if views is None else [int(v) for v in views]
     if not idx or any(not 0 <= v < len(scene) for v in idx):
         raise InputError(f"views {views} must be a non-empty list of indices below {len(scene)}")
-    pts = scene.pts3d[idx].reshape(-1, 3)
-    cols = scene.images[idx].permute(0, 2, 3, 1).reshape(-1, 3)
-    if min_conf is not None:
-        keep = scene.conf[idx].reshape(-1) >= min_conf
-        if not keep.any():
-            raise InputError(f"no point has confidence >= {min_conf}; lower min_conf")
-        pts, cols = pts[keep], cols[keep]
+    pts, cols = scene.confident_points(idx)
+    if pts.shape[0] == 0:
+        raise InputError(f"no point of views {idx} has confidence above {scene.min_conf:g}; lower the minimum "
+                         "confidence of ReconX DUSt3R Global Alignment")
     log.info("initialising Gaussians from %d points of %d views", pts.shape[0], len(idx))
     return init_from_points(pts, cols, sh_degree=sh_degree, opacity=opacity, max_points=max_points, seed=seed)
+
+
+def init_from_views(views: Views, max_points: Optional[int] = 100_000, sh_degree: int = 3, opacity: float = 0.1,
+                    seed: int = 0) -> Gaussians:
+    """ReconX's initialisation: Gaussians at the first and last frames' point maps (the two reference views).
+
+    views: Views after confidence mapping (pts3d (S, H, W, 3) world frame and conf (S, H, W) in [0, 1]).
+    Keeps the end frames' pixels with conf >= min(0.5, their median confidence): the confident ones, and at
+    least their better half when the whole video is judged unsure.
+    """
+    if views.pts3d is None or views.conf is None:
+        raise InputError("these views have no point maps or confidences yet: pass them through ReconX Confidence "
+                         "Mapping first")
+    ends = [0, len(views) - 1]
+    conf = views.conf[ends]
+    keep = (conf >= min(0.5, float(conf.median()))) & torch.isfinite(views.pts3d[ends]).all(-1)
+    if not keep.any():
+        raise InputError("the first and last frames have no confident points to start the Gaussians from")
+    return init_from_points(views.pts3d[ends][keep], views.frames[ends].permute(0, 2, 3, 1)[keep],
+                            sh_degree=sh_degree, opacity=opacity, max_points=max_points, seed=seed)
 
 
 def to_activated(gaussians: Gaussians) -> dict:

@@ -13,20 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from ..geometry import quat_to_rotmat
 
 ALPHA_THRESHOLD = 1.0 / 255.0
 GAUSSIAN_EXTEND = 3.33
-
-
-def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
-    """(…, 4) wxyz quaternions (normalised here) -> (…, 3, 3) rotation matrices."""
-    w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
-    R = torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], dim=-1)
-    return R.reshape(quats.shape[:-1] + (3, 3))
 
 
 def covariance_3d(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -66,7 +57,7 @@ def project_gaussians(means: torch.Tensor, quats: torch.Tensor, scales: torch.Te
     R, t = world_to_cam[:3, :3], world_to_cam[:3, 3]
     mc = means @ R.T + t                                   # (N, 3) camera frame
     # Camera-frame covariance V V^T with V = R_cam R(q) diag(s); V's columns come from one (3N, 3) @ (3, 3)
-    # product (batched 3x3 matmuls are slow on the CPU, ~1 ms each for 20k Gaussians).
+    # product (batched 3x3 matmuls are slow on CPUs).
     M = quat_to_rotmat(quats) * scales[:, None, :]        # (N, 3, 3), columns R(q)_j s_j
     V = (M.transpose(1, 2).reshape(-1, 3) @ R.T).reshape(-1, 3, 3)   # (N, 3 columns, 3 camera coordinates)
     fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]

@@ -18,11 +18,10 @@ How it is organised, and why:
   backward (dL/dw -> dL/dalpha -> dL/dexponent). It keeps the three (tiles, gaussians, pixels) tensors the
   backward needs while they fit in `save_elems`; chunks beyond that budget are recomputed in the backward pass
   (as gsplat's CUDA backward does), so memory stays bounded.
-- Only elementwise ops that the CPU runs vectorised are used on the dense blocks (measured per op on the 2-core
-  build CPU, torch 2.14): exp2 rather than exp (3x faster), a cumulative product rather than log1p + cumsum + exp
-  (log1p alone costs ~80x a multiply), and thresholds applied with `threshold_` rather than boolean masks
-  (`torch.where` and products with masks are 8-20x slower than a multiply). Chunks of ~2^19 elements (2 MiB)
-  stay in cache: 1.6x faster than 2^22 on that CPU (bench/bench_render.py times the whole).
+- Only elementwise ops that CPUs run vectorised are used on the dense blocks: exp2 rather than exp, a cumulative
+  product rather than log1p + cumsum + exp (log1p is far costlier than a multiply), and thresholds applied with
+  `threshold_` rather than boolean masks (`torch.where` and products with masks are much slower than a
+  multiply). Chunks of ~2^19 elements (2 MiB) stay in cache. bench/bench_render.py measures the whole.
 """
 
 from __future__ import annotations
@@ -222,7 +221,7 @@ class _Composite(torch.autograd.Function):
             later = (w * dw).cumsum_(1)
             later.sub_(later[:, -1:].clone())                          # -sum over the later Gaussians
             d = dw.mul_(w_nc).addcmul_(later, q)
-            # basis @ d^T rather than d @ basis^T: BLAS is ~4x faster with the long dimension as N.
+            # basis @ d^T rather than d @ basis^T: BLAS is faster with the long dimension as N.
             g_coef[pair.reshape(-1)] = torch.mm(layout.basis, d.reshape(-1, d.shape[-1]).t()).t()
         ctx.saved = None
         g_coef.mul_(math.log(2.0))

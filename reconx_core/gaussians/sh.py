@@ -75,5 +75,5 @@ def sh_to_rgb(sh: torch.Tensor, dirs: torch.Tensor, degree: int | None = None) -
     degree = full if degree is None else min(int(degree), full)
     n = (degree + 1) ** 2
     basis = sh_basis(torch.nn.functional.normalize(dirs, dim=-1), degree)  # (N, n)
-    # A broadcast product and a sum: ~1.4x faster than einsum's batched (1, n) @ (n, 3) products on the CPU.
+    # A broadcast product and a sum: faster on CPUs than einsum's batched (1, n) @ (n, 3) products.
     return ((basis[:, :, None] * sh[:, :n]).sum(1) + 0.5).clamp_min(0.0)

@@ -1,5 +1,7 @@
 """Miniature random-weight models of every network, for smoke runs (`make demo ARGS=--tiny`) and tests.
 
+Testing support: the library itself never imports this module.
+
 They have the real architectures at a few MB each, load through the same code as the real checkpoints
 (`load_dust3r`, `load_video_model`, `load_structure_branch`), and produce meaningless pictures: a run with them
 checks the plumbing, never the reconstruction.
@@ -25,7 +27,7 @@ def tiny_dust3r(seed: int = 0):
     front of the camera (depth about 3.5) with confidences about 3.7: fully random heads put points behind the
     camera and give no usable geometry, which would stop a smoke run at the first alignment.
     """
-    from .dust3r import Dust3R, Dust3RConfig
+    from ..dust3r import Dust3R, Dust3RConfig
 
     torch.manual_seed(seed)
     config = Dust3RConfig(enc_embed_dim=96, enc_depth=2, enc_num_heads=4, dec_embed_dim=32, dec_depth=10,
@@ -46,7 +48,7 @@ def write_tiny_models(models_dir: Union[str, Path], seed: int = 0) -> dict:
     Returns {"dust3r": path, "video": path, "structure_branch": path}. The structure branch gets non-zero gates
     (alpha_struct = 0.5) so that structure guidance is exercised.
     """
-    from .video import build_video_model, save_structure_branch, save_video_model, tiny_config
+    from ..video import build_video_model, save_structure_branch, save_video_model, tiny_config
 
     root = Path(models_dir)
     (root / "dust3r").mkdir(parents=True, exist_ok=True)

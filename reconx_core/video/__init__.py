@@ -2,18 +2,19 @@
 
 Entry points: `build_unet`, `build_resampler` (official config names), `load_video_model(path, device, dtype)`,
 `build_video_model(config)` / `tiny_config()` (random weights), `interpolate(model, images, ...)`,
+`interpolate_views(model, scene, ...) -> Views`,
 `save_structure_branch` / `load_structure_branch`.
 """
 
 from .checkpoint import (export_official_state_dict, load_structure_branch, load_video_model, read_state_dict,
                          save_structure_branch, save_video_model)
 from .model import OFFICIAL_512_INTERP, VideoModel, build_video_model, tiny_config
-from .pipeline import interpolate, reference_frame_indices
+from .pipeline import interpolate, interpolate_views, reference_frame_indices
 from .resampler import Resampler, build_resampler
 from .schedule import DiffusionSchedule
 from .unet import UNet, build_unet
 
 __all__ = ["UNet", "build_unet", "Resampler", "build_resampler", "DiffusionSchedule", "VideoModel",
            "build_video_model", "tiny_config", "OFFICIAL_512_INTERP", "load_video_model", "read_state_dict",
-           "export_official_state_dict", "save_video_model", "save_structure_branch", "load_structure_branch", "interpolate",
+           "export_official_state_dict", "save_video_model", "save_structure_branch", "load_structure_branch", "interpolate", "interpolate_views",
            "reference_frame_indices"]
