@@ -1,4 +1,4 @@
-"""Stage 1 nodes: load a DUSt3R checkpoint; infer pair point maps and align all views in one frame."""
+"""Stage 1 node: infer DUSt3R pair point maps and align all views in one frame."""
 
 from __future__ import annotations
 
@@ -15,40 +15,6 @@ log = logging.getLogger("reconx")
 
 CATEGORY = "ReconX"
 SCENE_GRAPHS = ["complete", "swin-2", "swin-3", "swin-4", "swin-2-noncyclic", "swin-3-noncyclic", "oneref-0"]
-
-
-class ReconXDust3rLoader:
-    DESCRIPTION = ("Loads a DUSt3R checkpoint (official .pth or .safetensors) from models/dust3r. The architecture is "
-                   "read from the file's tensors; nothing in the file is executed. The model is handed to ComfyUI's "
-                   "model management, so it is offloaded when other models need the GPU.")
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = ("RECONX_DUST3R",)
-    RETURN_NAMES = ("dust3r",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "ckpt_name": (bridge.list_models("dust3r"), {
-                "tooltip": "A DUSt3R checkpoint in models/dust3r, e.g. DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth "
-                           "(download it from the DUSt3R repository; CC BY-NC-SA 4.0)."}),
-            "precision": (["auto", "fp32", "fp16", "bf16"], {
-                "default": "auto",
-                "tooltip": "Weights' precision. auto: bf16/fp16 on a GPU, fp32 on the CPU."}),
-            "device": (["auto", "cpu", "cuda"], {
-                "default": "auto", "tooltip": "Where the network runs. auto: ComfyUI's device."}),
-        }}
-
-    def load(self, ckpt_name, precision="auto", device="auto"):
-        from reconx_core.dust3r import load_dust3r
-
-        dev = bridge.resolve_device(device)
-        dtype = bridge.resolve_dtype(precision, dev)
-        path = bridge.model_path("dust3r", ckpt_name)
-        # Load on the offload device; ManagedModel.acquire() moves it to `dev` when a node needs it.
-        model = load_dust3r(str(path), device="cpu", dtype=dtype).eval()
-        log.info("loaded DUSt3R %s (%s, native size %s)", ckpt_name, dtype, getattr(model, "image_size", "?"))
-        return (bridge.ManagedModel(model, dev, dtype, name=ckpt_name),)
 
 
 class ReconXDust3rAlign:
@@ -124,6 +90,5 @@ class ReconXDust3rAlign:
                 bridge.make_file3d(ply, "ply"))
 
 
-NODE_CLASS_MAPPINGS = {"ReconXDust3rLoader": ReconXDust3rLoader, "ReconXDust3rAlign": ReconXDust3rAlign}
-NODE_DISPLAY_NAME_MAPPINGS = {"ReconXDust3rLoader": "ReconX DUSt3R Loader",
-                              "ReconXDust3rAlign": "ReconX DUSt3R Global Alignment"}
+NODE_CLASS_MAPPINGS = {"ReconXDust3rAlign": ReconXDust3rAlign}
+NODE_DISPLAY_NAME_MAPPINGS = {"ReconXDust3rAlign": "ReconX DUSt3R Global Alignment"}

@@ -1,10 +1,9 @@
-"""Stages 2-3 nodes: load DynamiCrafter (+ ReconX structure branch), encode the point cloud, interpolate views."""
+"""Stages 2-3 nodes: encode the point cloud, interpolate views with the video model."""
 
 from __future__ import annotations
 
 import logging
 
-import torch
 
 from reconx_core.errors import InputError
 from reconx_core.types import Scene
@@ -14,48 +13,6 @@ from .convert import image_to_comfy
 
 log = logging.getLogger("reconx")
 CATEGORY = "ReconX"
-NO_BRANCH = "none"
-
-
-class ReconXVideoModelLoader:
-    DESCRIPTION = ("Loads DynamiCrafter-512-interp (model.ckpt or a .safetensors variant) from models/reconx, and "
-                   "optionally the ReconX structure branch (point-cloud encoder + extra cross-attention), whose gate "
-                   "starts at zero so that without it the model is exactly DynamiCrafter.")
-    CATEGORY = CATEGORY
-    FUNCTION = "load"
-    RETURN_TYPES = ("RECONX_VIDEO_MODEL",)
-    RETURN_NAMES = ("video_model",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        files = bridge.list_models("reconx")
-        return {"required": {
-            "ckpt_name": (files, {"tooltip": "DynamiCrafter_512_Interp model.ckpt (rename it freely) in models/reconx."}),
-            "structure_name": ([NO_BRANCH] + files, {
-                "default": NO_BRANCH,
-                "tooltip": "ReconX structure-branch weights (.safetensors) in models/reconx; none = plain "
-                           "DynamiCrafter interpolation."}),
-            "precision": (["auto", "fp32", "fp16", "bf16"], {
-                "default": "auto", "tooltip": "auto: bf16/fp16 on a GPU, fp32 on the CPU."}),
-            "device": (["auto", "cpu", "cuda"], {"default": "auto", "tooltip": "Where sampling runs."}),
-            "staged_offload": ("BOOLEAN", {
-                "default": True,
-                "tooltip": "Keep only the network in use (UNet, VAE or CLIP) on the GPU; saves several GB."}),
-        }}
-
-    def load(self, ckpt_name, structure_name=NO_BRANCH, precision="auto", device="auto", staged_offload=True):
-        from reconx_core.video import load_video_model
-        from reconx_core.video.tokenizer import ClipTokenizer
-
-        dev = bridge.resolve_device(device)
-        dtype = bridge.resolve_dtype(precision, dev)
-        path = bridge.model_path("reconx", ckpt_name)
-        branch = None if structure_name == NO_BRANCH else bridge.model_path("reconx", structure_name)
-        model = load_video_model(path, device="cpu", dtype=None if dtype == torch.float32 else dtype,
-                                 structure_path=branch).eval()
-        # The CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) may sit beside the weights.
-        model.tokenizer = ClipTokenizer(search_dirs=[str(p) for p in bridge.model_folders("reconx")])
-        return (bridge.ManagedModel(model, dev, dtype, name=ckpt_name, staged_offload=staged_offload),)
 
 
 def _video_model(video_model) -> bridge.ManagedModel:
@@ -157,9 +114,7 @@ class ReconXInterpolate:
         return (image_to_comfy(views.frames), views)
 
 
-NODE_CLASS_MAPPINGS = {"ReconXVideoModelLoader": ReconXVideoModelLoader,
-                       "ReconXEncodePointCloud": ReconXEncodePointCloud,
+NODE_CLASS_MAPPINGS = {"ReconXEncodePointCloud": ReconXEncodePointCloud,
                        "ReconXInterpolate": ReconXInterpolate}
-NODE_DISPLAY_NAME_MAPPINGS = {"ReconXVideoModelLoader": "ReconX Video Model Loader (DynamiCrafter)",
-                              "ReconXEncodePointCloud": "ReconX Encode Point Cloud",
+NODE_DISPLAY_NAME_MAPPINGS = {"ReconXEncodePointCloud": "ReconX Encode Point Cloud",
                               "ReconXInterpolate": "ReconX Interpolate Views (video diffusion)"}

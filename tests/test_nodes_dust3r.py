@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from nodes import comfy_bridge as bridge
-from nodes.dust3r_nodes import ReconXDust3rAlign, ReconXDust3rLoader
+from nodes.dust3r_nodes import ReconXDust3rAlign
+from nodes.loader_nodes import ReconXDust3rLoader
 from reconx_core.errors import CheckpointError, InputError
 from reconx_core.export import read_point_cloud_ply
 from reconx_core.types import Scene

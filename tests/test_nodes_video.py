@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nodes import comfy_bridge as bridge
-from nodes.video_nodes import ReconXEncodePointCloud, ReconXInterpolate, ReconXVideoModelLoader
+from nodes.loader_nodes import ReconXVideoModelLoader
+from nodes.video_nodes import ReconXEncodePointCloud, ReconXInterpolate
 from reconx_core.errors import InputError, ResourceError
 from reconx_core.testing import TINY_BRANCH, TINY_VIDEO, write_tiny_models
 from reconx_core.types import Views

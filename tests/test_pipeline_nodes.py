@@ -12,9 +12,10 @@ from skimage.data import stereo_motorcycle
 
 from nodes import comfy_bridge as bridge
 from nodes.confidence_nodes import ReconXConfidence
-from nodes.dust3r_nodes import ReconXDust3rAlign, ReconXDust3rLoader
+from nodes.dust3r_nodes import ReconXDust3rAlign
 from nodes.gaussian_nodes import ReconXFitGaussians, ReconXRenderGaussians
-from nodes.video_nodes import ReconXEncodePointCloud, ReconXInterpolate, ReconXVideoModelLoader
+from nodes.loader_nodes import ReconXDust3rLoader, ReconXVideoModelLoader
+from nodes.video_nodes import ReconXEncodePointCloud, ReconXInterpolate
 from reconx_core.testing import TINY_BRANCH, TINY_DUST3R, TINY_VIDEO, write_tiny_models
 from reconx_core.types import Scene, Views
 
