@@ -254,6 +254,10 @@ def test_mast3r_public_layout_from_manifest_on_meta():
     model = load_dust3r(hf, device="meta", config=cfg)
     assert model.config.desc_conf_mode == ("exp", 0.0, float("inf")) and model.image_size == 512
     assert len(model.state_dict()) == man["num_keys"]
+    # the official .pth form: the README's constructor string, parsed as literals
+    args = parse_constructor_call(man["checkpoint_args_string"])
+    model = load_dust3r(sd, device="meta", config=args)
+    assert (model.config.enc_num_heads, model.config.dec_num_heads, model.config.two_confs) == (16, 12, True)
 
 
 def test_mast3r_runs_through_infer_pairs_and_alignment(mast3r_io):
