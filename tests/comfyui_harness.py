@@ -2,8 +2,12 @@
 
     COMFYUI_DIR=~/comfyui-test/ComfyUI .venv/bin/python tests/comfyui_harness.py   # runs every example workflow
 
-The server gets a temporary models folder holding the tiny random-weight models (reconx_core.tiny), a temporary
+The server gets a temporary models folder holding the tiny random-weight models (reconx_core.testing), a temporary
 input folder with two photos and a temporary output folder, through ComfyUI's own command-line options.
+
+Environment: COMFYUI_DIR (a ComfyUI source tree), COMFYUI_VENV (its venv; default COMFYUI_DIR/../venv),
+RECONX_COMFY_TOOLS (the shared/tools/comfyui folder; found by itself when the pack sits beside ../shared or when
+RECONX_FIXTURES points at shared/fixtures), RECONX_COMFY_PORT (8189).
 """
 
 from __future__ import annotations
@@ -17,13 +21,55 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TOOLS = Path(os.environ.get("RECONX_COMFY_TOOLS", REPO.parent / "shared" / "tools" / "comfyui"))
+TOOL_FILES = ("run_with_pack.sh", "run_workflow.py")
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from comfy_workflows import node_specs, ui_to_api  # noqa: E402
 
 PORT = int(os.environ.get("RECONX_COMFY_PORT", "8189"))
+
+
+def tool_folder_candidates() -> list[tuple[str, Path]]:
+    """Where the ComfyUI tools may be, in the order they are tried, each with where the guess came from."""
+    explicit = os.environ.get("RECONX_COMFY_TOOLS")
+    if explicit:
+        # An explicit setting is never second-guessed: a wrong one must be reported, not silently replaced.
+        return [("RECONX_COMFY_TOOLS", Path(explicit).expanduser())]
+    candidates = [("beside the repository", REPO.parent / "shared" / "tools" / "comfyui")]
+    fixtures = os.environ.get("RECONX_FIXTURES")
+    if fixtures:
+        beside_fixtures = Path(fixtures).expanduser().parent / "tools" / "comfyui"
+        candidates.append(("RECONX_FIXTURES/../tools/comfyui", beside_fixtures))
+    return candidates
+
+
+def find_tools() -> Path:
+    """The folder holding run_with_pack.sh and run_workflow.py (shared/tools/comfyui).
+
+    Tried in order: RECONX_COMFY_TOOLS, ../shared/tools/comfyui beside this repository,
+    RECONX_FIXTURES/../tools/comfyui.
+    Raises FileNotFoundError naming RECONX_COMFY_TOOLS and every folder looked in when none holds both files.
+    """
+    tried = []
+    for origin, folder in tool_folder_candidates():
+        if all((folder / f).is_file() for f in TOOL_FILES):
+            return folder
+        tried.append(f"{folder} ({origin})")
+    raise FileNotFoundError(
+        "the ComfyUI test tools (" + ", ".join(TOOL_FILES) + ") were not found in: " + "; ".join(tried)
+        + ". Set RECONX_COMFY_TOOLS to the shared/tools/comfyui folder (the real-ComfyUI tests run because "
+        "COMFYUI_DIR is set; unset COMFYUI_DIR to skip them).")
+
+
+def check_comfy_dir(comfy_dir: Path, venv: Path) -> None:
+    """Raise FileNotFoundError naming COMFYUI_DIR / COMFYUI_VENV when either does not look right."""
+    if not (comfy_dir / "main.py").is_file():
+        raise FileNotFoundError(f"COMFYUI_DIR={comfy_dir} has no main.py: point COMFYUI_DIR at a ComfyUI source tree "
+                                "(set-up: shared/tools/comfyui/README.md)")
+    if not (venv / "bin" / "python").is_file():
+        raise FileNotFoundError(f"no Python venv at {venv}: create ComfyUI's venv there or set COMFYUI_VENV "
+                                "(set-up: shared/tools/comfyui/README.md)")
 
 
 def small_run_overrides(class_type: str, inputs: dict, names: dict) -> dict:
@@ -60,6 +106,8 @@ class ComfyServer:
         self.comfy_dir = Path(comfy_dir)
         self.work = Path(work)
         self.venv = Path(os.environ.get("COMFYUI_VENV", self.comfy_dir.parent / "venv"))
+        check_comfy_dir(self.comfy_dir, self.venv)
+        self.tools = find_tools()
         self.models, self.input, self.output = (self.work / d for d in ("models", "input", "output"))
         self.state = self.work / "state"
         self.names = {}
@@ -76,7 +124,7 @@ class ComfyServer:
         from PIL import Image
         from skimage.data import stereo_motorcycle
 
-        from reconx_core.tiny import write_tiny_models
+        from reconx_core.testing.tiny_models import write_tiny_models
 
         paths = write_tiny_models(self.models)
         self.names = {k: p.name for k, p in paths.items()}
@@ -86,16 +134,39 @@ class ComfyServer:
         for name, array in (("left.png", left), ("right.png", right), ("third.png", left[:, ::-1].copy())):
             Image.fromarray(array).resize((148, 100)).save(self.input / name)
 
+    def unlink_other_copies(self) -> list[str]:
+        """Remove links in custom_nodes to other copies of this pack (e.g. left by a run from another checkout).
+
+        Two copies register the same node names, so ComfyUI credits them to whichever loaded last and the
+        start-up check reports "0 node(s) registered" for the other; both also share one `reconx_core` on sys.path.
+        """
+        removed = []
+        custom_nodes = self.comfy_dir / "custom_nodes"
+        for entry in sorted(custom_nodes.iterdir()) if custom_nodes.is_dir() else []:
+            if entry.name == REPO.name or not (entry / "reconx_core").is_dir():
+                continue
+            if not entry.is_symlink():
+                raise RuntimeError(f"{entry} is another copy of this pack (not a link): remove it from custom_nodes, "
+                                   "or both copies register the same nodes")
+            entry.unlink()
+            removed.append(entry.name)
+        return removed
+
     def start(self) -> str:
         self.prepare()
-        run = subprocess.run(["bash", str(TOOLS / "run_with_pack.sh"), str(REPO)], env=self.env(),
+        removed = self.unlink_other_copies()
+        run = subprocess.run(["bash", str(self.tools / "run_with_pack.sh"), str(REPO)], env=self.env(),
                              capture_output=True, text=True, timeout=400)
         if run.returncode != 0:
+            # run_with_pack.sh leaves a server running when it started but the pack failed to register: stop it,
+            # or it holds the port and every later start refuses.
+            self.stop()
             raise RuntimeError(f"ComfyUI did not start with the pack:\n{run.stdout}\n{run.stderr}")
-        return run.stdout
+        note = f"removed links to other copies of the pack: {removed}\n" if removed else ""
+        return note + run.stdout
 
     def stop(self) -> None:
-        subprocess.run(["bash", str(TOOLS / "run_with_pack.sh"), "--stop"], env=self.env(), capture_output=True)
+        subprocess.run(["bash", str(self.tools / "run_with_pack.sh"), "--stop"], env=self.env(), capture_output=True)
 
     def get(self, path: str):
         with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{path}", timeout=30) as response:
@@ -123,7 +194,7 @@ class ComfyServer:
         api_file = self.work / f"{name}.api.json"
         api_file.write_text(json.dumps(prompt, indent=1))
         history_file = self.work / f"{name}.history.json"
-        run = subprocess.run([sys.executable, str(TOOLS / "run_workflow.py"), str(api_file), "--server",
+        run = subprocess.run([sys.executable, str(self.tools / "run_workflow.py"), str(api_file), "--server",
                               f"127.0.0.1:{PORT}", "--timeout", str(timeout), "--history-out", str(history_file)],
                              capture_output=True, text=True, timeout=timeout + 60)
         history = json.loads(history_file.read_text()) if history_file.exists() else {}
@@ -135,7 +206,8 @@ def main() -> int:
 
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
-        print("set COMFYUI_DIR to a ComfyUI source tree (see ../shared/tools/comfyui/README.md)")
+        print("set COMFYUI_DIR to a ComfyUI source tree and, unless this repository sits beside ../shared, "
+              "RECONX_COMFY_TOOLS to shared/tools/comfyui (see shared/tools/comfyui/README.md)")
         return 2
     work = Path(tempfile.mkdtemp(prefix="reconx-comfy-"))
     server = ComfyServer(Path(comfy_dir), work)

@@ -1,7 +1,10 @@
 """Every example workflow, submitted to a real ComfyUI server with this pack and tiny random-weight models.
 
-Skipped unless COMFYUI_DIR points to a ComfyUI source tree with its venv beside it (../venv, or COMFYUI_VENV);
-see ../shared/tools/comfyui/README.md. By hand: `COMFYUI_DIR=... .venv/bin/python tests/comfyui_harness.py`.
+Skipped unless COMFYUI_DIR points to a ComfyUI source tree with its venv beside it (../venv, or COMFYUI_VENV).
+The scripts that start the server come from RECONX_COMFY_TOOLS (shared/tools/comfyui), found by themselves when
+this repository sits beside ../shared or RECONX_FIXTURES points at shared/fixtures; with COMFYUI_DIR set and no
+tools found the tests fail naming RECONX_COMFY_TOOLS. Set-up: shared/tools/comfyui/README.md.
+By hand: `COMFYUI_DIR=... RECONX_COMFY_TOOLS=... .venv/bin/python tests/comfyui_harness.py`.
 """
 
 import json
@@ -10,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests import comfyui_harness
+
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set (no real ComfyUI to run against)")
+needs_comfyui = pytest.mark.skipif(
+    not COMFYUI_DIR, reason="COMFYUI_DIR is not set (no real ComfyUI to run against; set COMFYUI_DIR to a ComfyUI "
+    "source tree and, unless the pack sits beside ../shared, RECONX_COMFY_TOOLS to shared/tools/comfyui)")
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
@@ -19,19 +26,57 @@ EXAMPLES = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from tests.comfyui_harness import ComfyServer
-
-    srv = ComfyServer(Path(COMFYUI_DIR), tmp_path_factory.mktemp("comfyui"))
+    try:
+        srv = comfyui_harness.ComfyServer(Path(COMFYUI_DIR), tmp_path_factory.mktemp("comfyui"))
+        setup_problem = None
+    except FileNotFoundError as error:
+        setup_problem = str(error)
+    if setup_problem:  # say which variable to set, without a traceback (outside `except`: no chained exception)
+        pytest.fail(setup_problem, pytrace=False)
     srv.start()
     yield srv
     srv.stop()
 
 
+def make_tools(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for name in comfyui_harness.TOOL_FILES:
+        (folder / name).write_text("")
+    return folder
+
+
+def test_tools_not_found_names_the_variable(tmp_path, monkeypatch):
+    """A pack cloned away from ../shared with COMFYUI_DIR set: the error says to set RECONX_COMFY_TOOLS."""
+    monkeypatch.setattr(comfyui_harness, "REPO", tmp_path / "pack")
+    monkeypatch.delenv("RECONX_COMFY_TOOLS", raising=False)
+    monkeypatch.delenv("RECONX_FIXTURES", raising=False)
+    with pytest.raises(FileNotFoundError, match="RECONX_COMFY_TOOLS"):
+        comfyui_harness.find_tools()
+    monkeypatch.setenv("RECONX_COMFY_TOOLS", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="RECONX_COMFY_TOOLS"):
+        comfyui_harness.find_tools()
+
+
+def test_tools_are_found_without_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("RECONX_COMFY_TOOLS", raising=False)
+    monkeypatch.setattr(comfyui_harness, "REPO", tmp_path / "elsewhere" / "pack")
+    beside_fixtures = make_tools(tmp_path / "shared" / "tools" / "comfyui")
+    monkeypatch.setenv("RECONX_FIXTURES", str(tmp_path / "shared" / "fixtures"))
+    assert comfyui_harness.find_tools() == beside_fixtures
+    beside_repo = make_tools(tmp_path / "elsewhere" / "shared" / "tools" / "comfyui")
+    assert comfyui_harness.find_tools() == beside_repo  # the repository's neighbour comes before RECONX_FIXTURES's
+    explicit = make_tools(tmp_path / "mine")
+    monkeypatch.setenv("RECONX_COMFY_TOOLS", str(explicit))
+    assert comfyui_harness.find_tools() == explicit
+
+
+@needs_comfyui
 def test_templates_are_listed(server):
     templates = server.get("/api/workflow_templates")
     assert sorted(templates.get(REPO.name, [])) == EXAMPLES
 
 
+@needs_comfyui
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_workflow_runs(server, name):
     result = server.run_example(name)
@@ -47,6 +92,7 @@ def test_example_workflow_runs(server, name):
             assert list(server.output.glob(prefix + "*.webp")), f"no {prefix}*.webp in {server.output}"
 
 
+@needs_comfyui
 def test_structure_guided_pipeline_runs(server):
     """The two-view pipeline with the structure branch switched on (tiny branch weights, non-zero gates)."""
     result = server.run_example("reconx_two_views", structure=True)

@@ -1,5 +1,7 @@
-// ReconX node pack: front-end touches. Colours the five stages so a ReconX graph reads left to right,
-// and shows each ReconX node's DESCRIPTION as its tooltip in the node library.
+// ReconX node pack: front-end touches. Colours the five stages so a ReconX graph reads left to right.
+// Tooltips need no code here: ComfyUI's frontend (1.49, NodeTooltip in GraphView-*.js) already shows a node's
+// DESCRIPTION when the mouse rests on its title bar, and each input's or output's "tooltip" over that slot or
+// widget; the node library's preview shows the DESCRIPTION too.
 import { app } from "../../scripts/app.js";
 
 const STAGE_COLOURS = {
