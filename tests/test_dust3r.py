@@ -136,7 +136,7 @@ def test_infer_pairs_matches_fixture_on_the_png_views(tiny):
     steps = []
     pairs = infer_pairs(model, views, "complete", batch_size=1, callback=lambda s, t: steps.append((s, t)))
     assert pairs.edges.tolist() == [[1, 0], [0, 1]]
-    assert steps == [(0, 4), (1, 4), (2, 4), (3, 4)]  # 2 encoder batches, 2 pair batches
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]  # 2 encoder batches, 2 pair batches
     assert_parity(pairs.pts_i, io["pred1_pts3d"])
     assert_parity(pairs.pts_j_in_i, io["pred2_pts3d_in_other_view"])
     assert_parity(pairs.conf_i, io["pred1_conf"])
@@ -169,7 +169,7 @@ def test_callback_exception_stops_inference(tiny):
 
     with pytest.raises(KeyboardInterrupt):
         infer_pairs(model, views, batch_size=1, callback=interrupt)
-    assert calls == [0]
+    assert calls == [1]
 
 
 def test_bfloat16_model_runs_with_float32_heads(tiny):
