@@ -90,3 +90,56 @@ def prepare_images(images: Union[torch.Tensor, Sequence[Image.Image]], size: int
         raise InputError(f"after resizing to {size} the views have different sizes {sorted(shapes)}; DUSt3R pairs "
                          "need one size, so give all photos the same aspect ratio (crop them first)")
     return (torch.stack(out).float() / 255).to(device)
+
+
+def prepare_views(images: Sequence[torch.Tensor], size: int = 512, square_ok: bool = False, patch_size: int = 16
+                  ) -> Tuple[torch.Tensor, List[int]]:
+    """`prepare_images` for photos of different sizes: one (N, 3, H', W') batch of one shared size.
+
+    images: a sequence of (3, H, W) float tensors in [0, 1] (any device), each of its own size.
+    Returns (views (N, 3, H', W') float32 in [0, 1] on the first image's device, indices of the photos that lost
+    more than 2 % of their area to a crop to another aspect ratio than their own).
+
+    The official DUSt3R code infers pairs of differently-sized views one pair at a time and aligns them at their
+    own sizes. The ReconX stages after the alignment need one size (one video resolution, one camera size for the
+    3DGS fit), so the views are brought to one shape here, with as little loss as possible: every photo gets the
+    official resize and crop on its own; when the results differ, the shape most photos got (the earliest on a
+    tie) is kept, and each other photo is centre-cropped to that shape's aspect ratio before one resize to it (a
+    single resampling, LANCZOS when shrinking as in the official code). Photos that share the common shape come out
+    exactly as `prepare_images` gives them. With size 224 every view is a centred square, so nothing is cut.
+    """
+    if not isinstance(images, Sequence) or not images or not all(isinstance(im, torch.Tensor) for im in images):
+        raise InputError("images must be a non-empty list of (3, H, W) tensors in [0, 1]")
+    geometry = []
+    for k, im in enumerate(images):
+        if im.dim() != 3 or im.shape[0] != 3:
+            raise InputError(f"photo {k + 1} of {len(images)} has shape {tuple(im.shape)}; expected (3, H, W) in "
+                             "[0, 1]")
+        h, w = int(im.shape[1]), int(im.shape[2])
+        if min(w, h) < MIN_SIDE:
+            raise InputError(f"photo {k + 1} of {len(images)} is {w}x{h} pixels; DUSt3R needs at least {MIN_SIDE} px "
+                             "on each side. Use larger photos")
+        _, box, _ = official_size_and_crop(w, h, size, square_ok, patch_size)
+        geometry.append((box[2] - box[0], box[3] - box[1]))
+    counts = {shape: geometry.count(shape) for shape in geometry}
+    target = max(geometry, key=lambda shape: (counts[shape], -geometry.index(shape)))
+    out, cut = [], []
+    for k, (im, shape) in enumerate(zip(images, geometry)):
+        if shape == target:
+            out.append(prepare_images(im[None], size, square_ok, patch_size)[0].cpu())
+            continue
+        (pil,), _ = _to_pil_list(im[None])
+        w, h = pil.size
+        tw, th = target
+        # the largest centred box of the target's aspect ratio, in whole pixels
+        if w * th > h * tw:
+            cw, ch = max(1, round(h * tw / th)), h
+        else:
+            cw, ch = w, max(1, round(w * th / tw))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        pil = pil.crop((left, top, left + cw, top + ch))
+        pil = pil.resize((tw, th), Image.LANCZOS if cw > tw else Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255)
+        if cw * ch < 0.98 * w * h:  # more than rounding: a visible part of the photo is gone
+            cut.append(k)
+    return torch.stack(out).to(images[0].device), cut
