@@ -64,6 +64,25 @@ def lpips_search_dirs(extra_dirs: Iterable = ()) -> list:
     return [Path(torch.hub.get_dir()) / "checkpoints"] + [Path(d) for d in extra_dirs]
 
 
+def find_lpips_backbone(net: str = "alex", extra_dirs: Iterable = ()) -> Path:
+    """The torchvision backbone file LPIPS `net` needs, found without reading it (a cheap check before a fit).
+
+    Raises ResourceError naming the file, the folders searched, the download address and the lpips_weight=0
+    escape when it is in none of `lpips_search_dirs(extra_dirs)`.
+    """
+    if net not in LPIPS_BACKBONES:
+        raise ResourceError(f"unknown LPIPS network {net!r}; use 'alex' or 'vgg'")
+    fname, url = LPIPS_BACKBONES[net]
+    dirs = lpips_search_dirs(extra_dirs)
+    found = next((d / fname for d in dirs if (d / fname).is_file()), None)
+    if found is None:
+        raise ResourceError(
+            f"LPIPS needs the torchvision backbone {fname}, which is in none of: "
+            f"{', '.join(str(d) for d in dirs)}. Download {url} into one of them, or set the LPIPS weight "
+            "(lpips_weight, the third loss weight) to 0 to fit without LPIPS.")
+    return found
+
+
 def load_lpips(net: str = "alex", extra_dirs: Iterable = (), device="cpu", pnet_rand: bool = False):
     """An LPIPS module that returns a per-pixel map: module(pred (N,3,H,W), target) -> (N, H, W), inputs in [0, 1].
 
@@ -82,13 +101,7 @@ def load_lpips(net: str = "alex", extra_dirs: Iterable = (), device="cpu", pnet_
     fname, url = LPIPS_BACKBONES[net]
     state = None
     if not pnet_rand:
-        dirs = lpips_search_dirs(extra_dirs)
-        found = next((d / fname for d in dirs if (d / fname).is_file()), None)
-        if found is None:
-            raise ResourceError(
-                f"LPIPS needs the torchvision backbone {fname}, which is in none of: "
-                f"{', '.join(str(d) for d in dirs)}. Download {url} into one of them, or set the LPIPS weight "
-                "(lpips_weight, the third loss weight) to 0 to fit without LPIPS.")
+        found = find_lpips_backbone(net, extra_dirs)
         state = torch.load(found, map_location="cpu", weights_only=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation notices from inside lpips
