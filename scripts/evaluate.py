@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -408,8 +407,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: no scene of {index_path} is in {data_root}; check --data-root, --split and --index")
     run_info = {"settings": _jsonable(settings), "data_root": str(Path(data_root).resolve()),
                 "index": str(Path(index_path).resolve()), "split": args.split}
+    check_output(out, run_info, args.resume)  # in every process: one that stopped alone would hang the others
+    barrier()
     if is_main:
-        check_output(out, run_info, args.resume)
         write_json_atomic(out / "run.json", run_info)
     barrier()
     scenes_dir = out / "scenes"

@@ -89,7 +89,8 @@ def test_nerfstudio_camera_known_values_and_round_trip():
     v_corner = 269.0 - 530.0 * p[1] / -p[2]                               # OpenGL y is up, image v is down
     assert torch.allclose(_project_ours(cams, X), torch.stack([u_corner, v_corner]) - 0.5, atol=1e-3)
     # OpenCV: the camera looks along +z of its frame towards X
-    assert float((torch.linalg.inv(cams.cam_to_world[0].double()) @ torch.cat([X, torch.ones(1, dtype=torch.float64)]))[2]) > 0
+    X_h = torch.cat([X, torch.ones(1, dtype=torch.float64)])
+    assert float((torch.linalg.inv(cams.cam_to_world[0].double()) @ X_h)[2]) > 0
     again = cameras_from_nerfstudio(cameras_to_nerfstudio(cams, paths))[1]
     assert torch.allclose(again.cam_to_world, cams.cam_to_world, atol=1e-6)
     assert torch.allclose(again.intrinsics, cams.intrinsics, atol=1e-4)

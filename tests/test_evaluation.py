@@ -81,6 +81,7 @@ def _random_cameras(n: int, seed: int) -> Cameras:
 
 # ------------------------------------------------------------------------------------------- camera mapping
 
+@pytest.mark.numeric
 def test_target_cameras_map_exactly_under_a_random_similarity():
     for seed in range(5):
         sim = _random_similarity(seed)
@@ -164,6 +165,7 @@ def _oracle_reconstruct(data, scene: EvalScene, sim: Similarity):
     return reconstruct
 
 
+@pytest.mark.numeric
 def test_oracle_scores_high_and_the_frame_does_not_matter(oracle_data):
     key = oracle_data["info"]["keys"][0]
     scene = load_eval_scene(oracle_data["dataset"], key, oracle_data["index"][key], SIZE, SIZE)
@@ -176,6 +178,7 @@ def test_oracle_scores_high_and_the_frame_does_not_matter(oracle_data):
     assert torch.allclose(torch.tensor(result.metrics["psnr"]), direct, atol=0.05)
 
 
+@pytest.mark.numeric
 def test_refine_target_poses_recovers_a_perturbed_pose(oracle_data):
     key = oracle_data["info"]["keys"][0]
     scene = load_eval_scene(oracle_data["dataset"], key, oracle_data["index"][key], SIZE, SIZE)
@@ -219,6 +222,7 @@ def _load_script():
     return module
 
 
+@pytest.mark.numeric
 def test_evaluate_script_oracle_mode_scores_high(oracle_data, tmp_path):
     """The whole loop of scripts/evaluate.py (decode, crop, reconstruct, map, render, score, write) with an
     oracle mode registered the way future modes register, in a random frame per scene, with pose refinement."""

@@ -10,6 +10,7 @@ from reconx_core.errors import InputError, ResourceError
 from reconx_core.metrics import load_lpips_metric, lpips, psnr, ssim
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
+pytestmark = pytest.mark.numeric  # float parity: CI runs it again on a second numeric path (Makefile test-numeric)
 
 
 def _image_pair(seed=0, n=3, size=(48, 40)):

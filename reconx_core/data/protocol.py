@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
-import torch
 
 from ..errors import InputError
 from ..framing import scale_intrinsics
