@@ -27,7 +27,7 @@ class ReconXConfidence:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "views": ("RECONX_VIEWS", {"tooltip": "Frames from ReconX Interpolate."}),
+            "views": ("RECONX_VIEWS", {"tooltip": "Frames from ReconX Interpolate Views."}),
             "dust3r": ("RECONX_DUST3R", {"tooltip": "The DUSt3R network (ReconX DUSt3R Loader)."}),
             "window": ("INT", {"default": 3, "min": 1, "max": 16,
                                "tooltip": "Each frame is paired with this many neighbours on each side, plus the "
@@ -41,7 +41,7 @@ class ReconXConfidence:
         from reconx_core.confidence import map_confidence
 
         if not isinstance(views, Views):
-            raise InputError("views must be RECONX_VIEWS from ReconX Interpolate")
+            raise InputError("views must be RECONX_VIEWS: connect the views output of ReconX Interpolate Views")
         if not isinstance(dust3r, bridge.ManagedModel):
             raise InputError("dust3r must come from the ReconX DUSt3R Loader node")
         model = dust3r.acquire()

@@ -50,6 +50,28 @@ def _gaussians_ply_bytes(gaussians: Gaussians) -> bytes:
         return path.read_bytes()
 
 
+TITLE = "ReconX Fit Gaussians"
+LPIPS_RANGE = (0.5, 0.0, 10.0)  # lpips_weight default, min, max
+
+
+def lpips_problem(extra_dirs) -> str:
+    """Why a fit with LPIPS could not start here ("" when it can): the lpips package or the backbone file is
+    missing. Cheap (no model is built); the message is the one the fit itself would raise."""
+    import importlib.util
+
+    from reconx_core.errors import ResourceError
+    from reconx_core.gaussians import FitConfig
+    from reconx_core.gaussians.losses import find_lpips_backbone
+
+    if importlib.util.find_spec("lpips") is None:
+        return "the lpips package is not installed; pip install lpips, or set lpips_weight to 0 to fit without LPIPS"
+    try:
+        find_lpips_backbone(FitConfig.lpips_net, extra_dirs)
+    except ResourceError as err:
+        return str(err)
+    return ""
+
+
 class ReconXFitGaussians:
     DESCRIPTION = ("Fits 3D Gaussians to the frames with ReconX's confidence-aware loss "
                    "Σ C·(0.8·L1 + 0.2·(1−SSIM) + 0.5·LPIPS), initialised from the scene's point maps, 1,000 steps, "
@@ -65,15 +87,19 @@ class ReconXFitGaussians:
         return {
             "required": {
                 "scene": ("RECONX_SCENE", {"tooltip": "Cameras and initial points (ReconX DUSt3R Global Alignment)."}),
-                "steps": ("INT", {"default": 1000, "min": 1, "max": 30000, "step": 50,
+                # ComfyUI's frontend snaps an INT widget to min + k * step: min 10 with step 10 keeps round
+                # numbers (30, 1000, 2000) reachable
+                "steps": ("INT", {"default": 1000, "min": 10, "max": 30000, "step": 10,
                                   "tooltip": "Optimisation steps (the paper uses 1,000)."}),
                 "l1_weight": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 10.0, "step": 0.05,
                                         "tooltip": "Weight of the confidence-weighted L1 term."}),
                 "ssim_weight": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 10.0, "step": 0.05,
                                           "tooltip": "Weight of the (1 - SSIM) term."}),
-                "lpips_weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05,
+                "lpips_weight": ("FLOAT", {"default": LPIPS_RANGE[0], "min": LPIPS_RANGE[1], "max": LPIPS_RANGE[2],
+                                           "step": 0.05,
                                            "tooltip": "Weight of LPIPS. Needs alexnet-owt-7be5be79.pth in models/reconx "
-                                                      "or the torch hub cache; 0 turns LPIPS off."}),
+                                                      "or the torch hub cache (checked when the prompt is queued); "
+                                                      "0 turns LPIPS off."}),
                 "sh_degree": ("INT", {"default": 3, "min": 0, "max": 3,
                                       "tooltip": "Spherical-harmonics degree of the colours (0 = view-independent)."}),
                 "densify": ("BOOLEAN", {"default": False,
@@ -85,7 +111,7 @@ class ReconXFitGaussians:
             },
             "optional": {
                 "views": ("RECONX_VIEWS", {"tooltip": "Generated frames with cameras and confidences (ReconX "
-                                                      "Confidence). When connected, all its frames are fitted with "
+                                                      "Confidence Mapping). When connected, all its frames are fitted with "
                                                       "their confidences, initialised from the first and last "
                                                       "frames' point maps (as in the paper)."}),
                 "frames": ("IMAGE", {"tooltip": "Frames to fit, one per scene camera; default: the scene's own images."}),
@@ -93,12 +119,28 @@ class ReconXFitGaussians:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, lpips_weight=None):
+        """Runs when the prompt is queued, before any node: a missing LPIPS backbone stops the run there, not after
+        the alignment and the video model. Naming lpips_weight here makes ComfyUI skip its own range check for it,
+        so that is done here too. A linked lpips_weight is unknown until the graph runs (None): the fit checks it."""
+        if lpips_weight is None:
+            return True
+        _, low, high = LPIPS_RANGE
+        if not low <= float(lpips_weight) <= high:
+            return f"lpips_weight {lpips_weight} is outside [{low}, {high}]"
+        if float(lpips_weight) > 0:
+            problem = lpips_problem([str(p) for p in bridge.model_folders("reconx")])
+            if problem:
+                return f"{TITLE}: {problem}"
+        return True
+
     def fit(self, scene, steps=1000, l1_weight=0.8, ssim_weight=0.2, lpips_weight=0.5, sh_degree=3,
             densify=False, max_points=300000, seed=0, views=None, frames=None, confidence=None):
         from reconx_core.gaussians import FitConfig, fit_to_scene, fit_to_views
 
         if not isinstance(scene, Scene):
-            raise InputError("scene must come from ReconX DUSt3R Global Alignment (RECONX_SCENE)")
+            raise InputError("scene must be a RECONX_SCENE: connect the scene output of ReconX DUSt3R Global Alignment")
         config = FitConfig(steps=steps, weights=(l1_weight, ssim_weight, lpips_weight), sh_degree=sh_degree,
                            densify=densify, max_points=max_points, seed=seed,
                            lpips_dirs=[str(p) for p in bridge.model_folders("reconx")])
