@@ -14,15 +14,48 @@ from comfy_workflows import REPO, build_ui, node_specs  # noqa: E402
 
 DUST3R = "DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth"
 DYNAMICRAFTER = "dynamicrafter_512_interp.ckpt"
-STRUCTURE_NOTE = (
-    "ReconX pipeline\n\n"
-    "1. Put your photos in the Load Image nodes, in the order the camera should travel.\n"
-    f"2. models/dust3r/{DUST3R} and models/reconx/{DYNAMICRAFTER} (DynamiCrafter_512_Interp's model.ckpt, "
-    "renamed) must exist: see the pack's README for the download links.\n"
-    "3. 'ReconX Encode Point Cloud' is bypassed: the structure branch needs trained weights (a .safetensors in "
-    "models/reconx, picked in the video model loader). With them, un-bypass it (Ctrl+B) and the interpolation "
-    "becomes structure-guided; without, it is plain DynamiCrafter interpolation.\n"
-    "4. LPIPS needs alexnet-owt-7be5be79.pth in models/reconx; set lpips_weight to 0 to fit without it.")
+MODELS_LINE = (f"models/dust3r/{DUST3R} must exist (see the pack's README for the download links; any DUSt3R or "
+               "MASt3R checkpoint works).")
+PHOTOS_LINE = ("Put your photos in the Load Image nodes, in the order the camera should travel. They may have any "
+               "sizes: each goes to its own input of 'ReconX DUSt3R Global Alignment' (images, image_2, ... "
+               "image_8); avoid Batch Images, which crops every photo to the first one's size.")
+LPIPS_LINE = ("LPIPS needs alexnet-owt-7be5be79.pth in models/reconx (checked when you queue the prompt); set "
+              "lpips_weight to 0 in 'ReconX Fit Gaussians' to fit without it.")
+GEOMETRY_NOTE = (
+    "ReconX, geometry only: photos -> DUSt3R -> 3D Gaussians (no video model)\n\n"
+    f"1. {PHOTOS_LINE}\n"
+    f"2. {MODELS_LINE}\n"
+    f"3. {LPIPS_LINE}\n"
+    "4. Preview Point Cloud shows DUSt3R's aligned points, Preview Splat the fitted Gaussians; the fly-through "
+    "video is saved as output/reconx/flythrough_*.webp.")
+
+
+def pipeline_note(n_photos: int) -> str:
+    first = ("Two photos, the paper's setting: the video model generates the views between them."
+             if n_photos == 2 else
+             f"{n_photos} photos: K photos give K-1 interpolated segments that share their end frames; connect "
+             "more Load Image nodes to image_4 ... image_8 for more.")
+    return (
+        "ReconX pipeline: photos -> DUSt3R -> video interpolation -> confidence -> 3D Gaussians\n\n"
+        f"{first}\n\n"
+        f"1. {PHOTOS_LINE}\n"
+        f"2. {MODELS_LINE} models/reconx/{DYNAMICRAFTER} (DynamiCrafter_512_Interp's model.ckpt, renamed) must "
+        "exist too.\n"
+        "3. 'ReconX Encode Point Cloud' is bypassed: the structure branch needs trained weights (a .safetensors in "
+        "models/reconx, picked in the video model loader). With them, un-bypass it (Ctrl+B) and the interpolation "
+        "becomes structure-guided; without, it is plain DynamiCrafter interpolation.\n"
+        f"4. {LPIPS_LINE}")
+
+
+def photo_nodes(n_photos: int, x: int = 0, align_id: int = 5):
+    """n Load Image nodes (ids 1..n), each wired to its own photo input of the alignment node (images, image_2,
+    ...), so photos of any size reach it uncropped."""
+    nodes, links = [], []
+    for k in range(n_photos):
+        nodes.append({"id": k + 1, "type": "LoadImage", "pos": [x, 360 * k], "size": [300, 320],
+                      "title": f"Photo {k + 1}", "widgets": {"image": "example.png"}})
+        links.append((k + 1, 0, align_id, "images" if k == 0 else f"image_{k + 1}"))
+    return nodes, links
 
 
 def two_photos(x: int = 0):
@@ -41,10 +74,10 @@ def two_photos(x: int = 0):
 
 def geometry_only():
     """Photos -> DUSt3R global alignment -> confidence-aware 3DGS -> splat preview and a fly-through video."""
-    nodes, links = two_photos()
+    nodes, links = photo_nodes(2)
     nodes += [
-        {"id": 4, "type": "ReconXDust3rLoader", "pos": [340, 380], "size": [320, 110], "widgets": {"ckpt_name": DUST3R}},
-        {"id": 5, "type": "ReconXDust3rAlign", "pos": [700, 120], "size": [340, 280]},
+        {"id": 4, "type": "ReconXDust3rLoader", "pos": [340, 480], "size": [320, 110], "widgets": {"ckpt_name": DUST3R}},
+        {"id": 5, "type": "ReconXDust3rAlign", "pos": [700, 120], "size": [340, 320]},
         {"id": 6, "type": "PreviewPointCloud", "pos": [1080, -420], "size": [400, 400]},
         {"id": 7, "type": "PreviewImage", "pos": [1080, 20], "size": [300, 260], "title": "Depth"},
         {"id": 8, "type": "ReconXFitGaussians", "pos": [1080, 320], "size": [340, 320]},
@@ -52,8 +85,9 @@ def geometry_only():
         {"id": 10, "type": "ReconXRenderGaussians", "pos": [1460, 440], "size": [320, 200]},
         {"id": 11, "type": "SaveAnimatedWEBP", "pos": [1820, 440], "size": [360, 360],
          "widgets": {"filename_prefix": "reconx/flythrough", "fps": 12.0}},
+        {"id": 12, "type": "Note", "pos": [0, -420], "size": [660, 380], "text": GEOMETRY_NOTE},
     ]
-    links += [(3, 0, 5, "images"), (4, 0, 5, "dust3r"), (5, 3, 6, "model_3d"), (5, 1, 7, "images"),
+    links += [(4, 0, 5, "dust3r"), (5, 3, 6, "model_3d"), (5, 1, 7, "images"),
               (5, 0, 8, "scene"), (8, 1, 9, "model_3d"), (8, 0, 10, "splat"), (5, 0, 10, "scene"),
               (10, 0, 11, "images")]
     return nodes, links
@@ -61,15 +95,7 @@ def geometry_only():
 
 def full_pipeline(n_photos: int):
     """Photos -> DUSt3R alignment -> (structure) -> video interpolation -> confidence mapping -> 3DGS -> video."""
-    nodes, links = two_photos()
-    if n_photos > 2:
-        batch = next(n for n in nodes if n["id"] == 3)
-        for k in range(2, n_photos):
-            nid = 100 + k
-            nodes.append({"id": nid, "type": "LoadImage", "pos": [0, 360 * k], "size": [300, 320],
-                          "title": f"Photo {k + 1}", "widgets": {"image": "example.png"}})
-            batch["link_inputs"].append(f"images.image{k}")
-            links.append((nid, 0, 3, f"images.image{k}"))
+    nodes, links = photo_nodes(n_photos)
     nodes += [
         {"id": 4, "type": "ReconXDust3rLoader", "pos": [340, 420], "size": [320, 110], "widgets": {"ckpt_name": DUST3R}},
         {"id": 5, "type": "ReconXDust3rAlign", "pos": [700, 120], "size": [340, 290]},
@@ -88,9 +114,9 @@ def full_pipeline(n_photos: int):
         {"id": 16, "type": "ReconXRenderGaussians", "pos": [2540, 120], "size": [320, 200]},
         {"id": 17, "type": "SaveAnimatedWEBP", "pos": [2900, 120], "size": [360, 380],
          "widgets": {"filename_prefix": "reconx/flythrough", "fps": 12.0}},
-        {"id": 18, "type": "Note", "pos": [340, 700], "size": [700, 220], "text": STRUCTURE_NOTE},
+        {"id": 18, "type": "Note", "pos": [0, -420], "size": [660, 380], "text": pipeline_note(n_photos)},
     ]
-    links += [(3, 0, 5, "images"), (4, 0, 5, "dust3r"), (5, 3, 6, "model_3d"),
+    links += [(4, 0, 5, "dust3r"), (5, 3, 6, "model_3d"),
               (5, 0, 8, "scene"), (7, 0, 8, "video_model"),
               (7, 0, 9, "video_model"), (5, 0, 9, "scene"), (8, 0, 9, "structure"),
               (9, 0, 10, "images"), (9, 1, 11, "views"), (4, 0, 11, "dust3r"),

@@ -68,5 +68,6 @@ def test_api_form_links_and_widgets():
     assert align["inputs"]["iterations"] == 300 and align["inputs"]["scene_graph"] == "complete"
     src, slot = align["inputs"]["dust3r"]
     assert prompt[src]["class_type"] == "ReconXDust3rLoader" and slot == 0
-    batch = next(v for v in prompt.values() if v["class_type"] == "BatchImagesNode")
-    assert set(batch["inputs"]) == {"images.image0", "images.image1"}
+    # each photo on its own input (any sizes), not through Batch Images (which crops to the first one's size)
+    photos = [align["inputs"][name] for name in ("images", "image_2")]
+    assert [prompt[src]["class_type"] for src, _ in photos] == ["LoadImage", "LoadImage"]
