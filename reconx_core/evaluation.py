@@ -306,6 +306,45 @@ def evaluate_scene(scene: EvalScene, reconstruct: Callable[[ContextViews], Recon
     return result
 
 
+def score_heldout_views(gaussians: Gaussians, context_cameras: Cameras, aligned_cameras: Cameras,
+                        context_index: Sequence[int], heldout_index: Sequence[int], heldout_images: torch.Tensor,
+                        lpips_model: Optional[LpipsMetric] = None, target_intrinsics: str = "estimated",
+                        refine_steps: int = 0, refine_lr: float = 2e-3, backend: str = "auto") -> SceneResult:
+    """How good a reconstruction is on photos held back from it (the ComfyUI evaluation node's entry point).
+
+    Without ground-truth cameras, the held-back photos get theirs from a second alignment of all the photos
+    (context and held back) together: `aligned_cameras`, in that alignment's own frame. The same similarity as
+    in the benchmark carries them into the reconstruction's frame, using the context photos seen in both.
+
+    gaussians: the reconstruction (its frame).  context_cameras: the K >= 2 context cameras of the
+    reconstruction (its frame).  aligned_cameras: cameras of all photos from the joint alignment, the same image
+    size; context_index (K,) and heldout_index (M,) pick the context and held-back photos in it.
+    heldout_images: (M, 3, H, W) in [0, 1] at that size.  Other arguments as `evaluate_scene`.
+    Returns a SceneResult (key "heldout") with per-photo metrics and renders (and refined ones).
+    """
+    context_index, heldout_index = [int(i) for i in context_index], [int(i) for i in heldout_index]
+    if len(context_index) != len(context_cameras):
+        raise InputError(f"{len(context_index)} context indices for {len(context_cameras)} context cameras")
+    if len(heldout_index) != heldout_images.shape[0]:
+        raise InputError(f"{len(heldout_index)} held-back indices for {heldout_images.shape[0]} held-back photos")
+    t0 = time.perf_counter()
+    pick = lambda idx: Cameras(aligned_cameras.cam_to_world[idx], aligned_cameras.intrinsics[idx],  # noqa: E731
+                               aligned_cameras.width, aligned_cameras.height)
+    cams = map_target_cameras(pick(context_index).to("cpu"), context_cameras.to("cpu"),
+                              pick(heldout_index).to("cpu"), target_intrinsics).to(gaussians.device)
+    metrics, renders = score_views(gaussians, cams, heldout_images, lpips_model, backend)
+    result = SceneResult("heldout", heldout_index, metrics, renders.cpu(), cams.to("cpu"))
+    if refine_steps > 0:
+        centres = context_cameras.cam_to_world[:, :3, 3]
+        baseline = float((centres - centres.mean(0)).norm(dim=-1).max()) * 2
+        refined = refine_target_poses(gaussians, cams, heldout_images.to(gaussians.device), steps=refine_steps,
+                                      lr=refine_lr, translation_scale=baseline, backend=backend)
+        result.refined, refined_renders = score_views(gaussians, refined, heldout_images, lpips_model, backend)
+        result.refined_renders = refined_renders.cpu()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
 # --------------------------------------------------------------------------------------------- pictures
 
 def side_by_side(scene: EvalScene, result: SceneResult, gap: int = 4) -> torch.Tensor:

@@ -20,7 +20,8 @@ from reconx_core.data import load_evaluation_index, open_dataset, rescale_and_cr
 from reconx_core.data.synthetic import SyntheticRoom, write_synthetic_dl3dv, write_synthetic_re10k
 from reconx_core.errors import InputError
 from reconx_core.evaluation import (EvalScene, Reconstruction, Similarity, context_similarity, evaluate_scene,
-                                    load_eval_scene, map_target_cameras, refine_target_poses, render_views)
+                                    load_eval_scene, map_target_cameras, refine_target_poses, render_views,
+                                    score_heldout_views)
 from reconx_core.gaussians import fit_gaussians, refine_cameras
 from reconx_core.metrics import psnr
 from reconx_core.types import Cameras, Gaussians
@@ -176,6 +177,24 @@ def test_oracle_scores_high_and_the_frame_does_not_matter(oracle_data):
     # rounding of the moved Gaussians differs (measured < 0.01 dB)
     direct = psnr(render_views(oracle_data["gaussians"][key], scene.target_cameras), scene.target_images)
     assert torch.allclose(torch.tensor(result.metrics["psnr"]), direct, atol=0.05)
+
+
+@pytest.mark.numeric
+def test_heldout_photos_scored_through_a_second_alignment(oracle_data):
+    """The node's path: the reconstruction in frame A, a joint alignment of all photos in frame B; the held-back
+    photos' cameras from B are carried into A through the context photos and score as at their true poses."""
+    key = oracle_data["info"]["keys"][0]
+    scene = load_eval_scene(oracle_data["dataset"], key, oracle_data["index"][key], SIZE, SIZE)
+    g = oracle_data["gaussians"][key]
+    frame_a, frame_b = _random_similarity(21), _random_similarity(22)
+    joint = Cameras(torch.cat([scene.target_cameras.cam_to_world, scene.context_cameras.cam_to_world]),
+                    torch.cat([scene.target_cameras.intrinsics, scene.context_cameras.intrinsics]), SIZE, SIZE)
+    result = score_heldout_views(transform_gaussians(g, frame_a), _transform_cameras(scene.context_cameras, frame_a),
+                                 _transform_cameras(joint, frame_b), context_index=[3, 4], heldout_index=[0, 1, 2],
+                                 heldout_images=scene.target_images)
+    direct = psnr(render_views(g, scene.target_cameras), scene.target_images)
+    assert torch.allclose(torch.tensor(result.metrics["psnr"]), direct, atol=0.05)
+    assert result.renders.shape == (3, 3, SIZE, SIZE)
 
 
 @pytest.mark.numeric
