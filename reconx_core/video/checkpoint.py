@@ -9,6 +9,8 @@ Official layout (LatentVisualDiffusion.state_dict, see shared/fixtures dynamicra
     13 schedule buffers without prefix (checked against our schedule, not loaded)
 plus tensors nothing reads (UNUSED_KEYS). The structure branch (to_k_struct, to_v_struct, alpha_struct in the
 UNet, and the point-cloud encoder) is never in these files; it comes from an optional safetensors file.
+ComfyUI's repackaging (dynamicrafter_512_interp_fp16_pruned.safetensors) is this layout without the two CLIP
+towers; `load_video_model` then takes them from a clip_vision file / text encoder (key maps in comfy_layouts.py).
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..dust3r.weights_io import DYNAMICRAFTER_FILES, check_model_family, read_weights
+from ..dust3r.weights_io import DYNAMICRAFTER_FILES, check_model_family, identify_model, read_weights
 from ..errors import CheckpointError
 from ..structure import PointCloudEncoder
+from .comfy_layouts import load_empty_prompt, save_empty_prompt, tower_state
 from .model import OFFICIAL_512_INTERP, VideoModel, build_video_model
 from .vae import diffusers_to_ldm_key, ldm_to_diffusers_key
 
@@ -167,8 +170,8 @@ def _check_schedule(state: dict, model: VideoModel) -> None:
                                   "(zero-terminal-SNR v-prediction); is this another DynamiCrafter variant?")
 
 
-def load_official_state_dict(model: VideoModel, state: dict, assign: bool = False) -> None:
-    """Load an official-layout state dict into `model`; structure-branch tensors may be absent, nothing else."""
+def official_state_to_internal(model: VideoModel, state: dict) -> dict:
+    """An official-layout state dict (full, or the ComfyUI pruned file) -> VideoModel names, shapes checked."""
     levels = len(model.vae.config.block_out_channels)
     target = model.state_dict()
     internal = {}
@@ -178,21 +181,35 @@ def load_official_state_dict(model: VideoModel, state: dict, assign: bool = Fals
             continue
         if name not in target:
             raise CheckpointError(f"checkpoint key {key!r} has no place in this model configuration")
-        want = target[name].shape
-        if value.dim() == 4 and len(want) == 2:
+        if value.dim() == 4 and len(target[name].shape) == 2:
             value = value[:, :, 0, 0]  # LDM VAE attention 1x1 conv -> Linear
-        if value.shape != want:
-            raise CheckpointError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(want)}; "
-                                  "the checkpoint is not DynamiCrafter 512 interp")
+        _check_shape(key, value, target[name].shape, "the checkpoint is not DynamiCrafter 512 interp")
         internal[name] = value
-    optional = {k for k in target if "_struct" in k or k.startswith("structure_encoder.")}
+    return internal
+
+
+def _check_shape(key: str, value: torch.Tensor, want: torch.Size, why: str) -> None:
+    if value.shape != want:
+        raise CheckpointError(f"{key}: file shape {tuple(value.shape)} != model shape {tuple(want)}; {why}")
+
+
+def _load_internal(model: VideoModel, internal: dict, assign: bool, optional_prefixes=()) -> None:
+    """Load VideoModel-named tensors; only the structure branch and `optional_prefixes` may be missing."""
+    target = model.state_dict()
+    optional = {k for k in target if "_struct" in k or k.startswith(("structure_encoder.",) + tuple(optional_prefixes))}
     missing = sorted(set(target) - set(internal) - optional)
     if missing:
         prefixes = sorted({m.split(".")[0] for m in missing})
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors of {prefixes} (e.g. {missing[:3]}); "
                               "use the full DynamiCrafter_512_Interp checkpoint")
-    _check_schedule(state, model)
     model.load_state_dict(internal, strict=False, assign=assign)
+
+
+def load_official_state_dict(model: VideoModel, state: dict, assign: bool = False) -> None:
+    """Load an official-layout state dict into `model`; structure-branch tensors may be absent, nothing else."""
+    internal = official_state_to_internal(model, state)
+    _check_schedule(state, model)
+    _load_internal(model, internal, assign)
 
 
 def _init_structure_params(model: VideoModel, device) -> None:
@@ -209,29 +226,118 @@ def _init_structure_params(model: VideoModel, device) -> None:
             setattr(module, name, torch.nn.Parameter(data, requires_grad=param.requires_grad))
 
 
+TowerSource = Union[str, Path, Mapping[str, torch.Tensor]]
+_CLIP_H_FILE = ("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors (IP-Adapter's image encoder) or laion's "
+                "open_clip_pytorch_model.safetensors, in models/clip_vision")
+
+
+def _read_tower_source(source: TowerSource, what: str) -> Tuple[dict, str]:
+    """(state dict, name for messages) of a clip_vision / text-encoder file or an in-memory state dict."""
+    if isinstance(source, Mapping):
+        # detach: new tensor objects (same storage), so moving our model never moves the caller's module
+        return {k: v.detach() for k, v in source.items() if isinstance(v, torch.Tensor)}, f"the given {what}"
+    path = Path(source)
+    obj, _ = read_weights(path, what=what, download="https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                          mmap=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path.name} holds no state dict of tensors")
+    return obj, path.name
+
+
+def _tower(model: VideoModel, source: TowerSource, want: str, what: str, required: bool) -> dict:
+    """Our tensors of the `want` tower ("image" / "text") from a file or state dict, shapes checked."""
+    state, name = _read_tower_source(source, what)
+    tower = tower_state(state, want)
+    if not tower:
+        if required:
+            found = identify_model(state.keys())
+            kind = f"; it is {found[0]} ({found[1]})" if found else ""
+            raise CheckpointError(f"{name} holds no CLIP {'image' if want == 'image' else 'text'} tower{kind}. "
+                                  f"Use {_CLIP_H_FILE if want == 'image' else 'an OpenCLIP ViT-H-14 file'}")
+        return {}
+    target = model.state_dict()
+    for key, value in tower.items():
+        if key not in target:
+            raise CheckpointError(f"{name}: tensor {key!r} has no place in DynamiCrafter's CLIP {want} tower "
+                                  f"(is it another CLIP size?). Use {_CLIP_H_FILE}")
+        width = target[key].shape
+        if value.shape != width:
+            raise CheckpointError(
+                f"{name} is not the CLIP ViT-H/14 {want} tower DynamiCrafter uses ({key}: {tuple(value.shape)}, "
+                f"needed {tuple(width)}). Use {_CLIP_H_FILE}")
+    return tower
+
+
 def load_video_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                      dtype: Optional[torch.dtype] = None, structure_path: Optional[Union[str, Path]] = None,
-                     config: Optional[dict] = None, offload: bool = False) -> VideoModel:
-    """Load a whole DynamiCrafter checkpoint (UNet, VAE, CLIP towers, Resampler) into a VideoModel.
+                     config: Optional[dict] = None, offload: bool = False,
+                     clip_vision: Optional[TowerSource] = None, text_encoder: Optional[TowerSource] = None,
+                     empty_prompt_cache: Optional[Union[str, Path]] = None) -> VideoModel:
+    """Load DynamiCrafter 512 interp (UNet, VAE, CLIP towers, Resampler) into a VideoModel.
 
-    path: model.ckpt (weights-only pickle) or a .safetensors with the same keys (e.g. a bf16 variant).
+    path: model.ckpt (weights-only pickle), a .safetensors with the same keys (e.g. a bf16 variant), or the
+        ComfyUI repackaging dynamicrafter_512_interp_fp16_pruned.safetensors (no CLIP towers; then give
+        clip_vision). Half-precision files load to `dtype` (float32 when None).
+    clip_vision: the CLIP ViT-H/14 image encoder, a path or a state dict in the transformers layout (ComfyUI's
+        clip_vision files and its loaded CLIP_VISION), the OpenCLIP layout, or DynamiCrafter's; it replaces the
+        checkpoint's own image tower.
+    text_encoder: an OpenCLIP ViT-H-14 text tower (path or state dict). None: the checkpoint's, else the one inside
+        an OpenCLIP clip_vision file, else none: then only empty prompts work, from `empty_prompt_cache`.
+    empty_prompt_cache: file of the text tower's output for "" (comfy_layouts.EMPTY_PROMPT_FILE). Read when the
+        model ends up without a text tower; written (once, atomically) when it has one and the file is absent.
     dtype: None keeps float32; torch.float16 / torch.bfloat16 halve memory (GroupNorms and the Resampler
     softmax still compute in float32). structure_path: optional ReconX structure-branch safetensors.
     offload: keep weights on the CPU and move each network to `device` only while it runs.
-    The networks are built on the meta device and take the checkpoint's tensors directly (no second copy).
+    The networks are built on the meta device and take the files' tensors directly (no second copy).
     config: the architecture; default: the one stored by `save_video_model` in the file, else the official one.
     """
     state = read_state_dict(path)
+    name = Path(path).name
     model = build_video_model(config or read_config(path) or OFFICIAL_512_INTERP, device="meta")
-    load_official_state_dict(model, state, assign=True)
+    internal = official_state_to_internal(model, state)
+    _check_schedule(state, model)
     del state
+    if clip_vision is not None:
+        image = _tower(model, clip_vision, "image", "clip_vision file", required=True)
+        internal = {k: v for k, v in internal.items() if not k.startswith("image_encoder.")}
+        internal.update(image)
+    elif not any(k.startswith("image_encoder.") for k in internal):
+        raise CheckpointError(f"{name} has no CLIP image encoder (the ComfyUI repackaging leaves it out): give a "
+                              f"clip_vision file, {_CLIP_H_FILE}, or connect a CLIP Vision loader")
+    text_source = "checkpoint"
+    if text_encoder is not None:
+        text = _tower(model, text_encoder, "text", "text encoder", required=True)
+        internal = {k: v for k, v in internal.items() if not k.startswith("text_encoder.")}
+        internal.update(text)
+        text_source = "text encoder"
+    elif not any(k.startswith("text_encoder.") for k in internal) and clip_vision is not None:
+        internal.update(_tower(model, clip_vision, "text", "clip_vision file", required=False))
+        text_source = "clip_vision file"
+    if not any(k.startswith("text_encoder.") for k in internal):
+        model.text_encoder = None  # only empty prompts, from the stored features
+        text_source = None
+    _load_internal(model, internal, assign=True)
+    del internal
     _init_structure_params(model, "cpu")
     model.reset_buffers()
+    if model.text_encoder is not None and empty_prompt_cache is not None and not Path(empty_prompt_cache).is_file():
+        with torch.no_grad():
+            model.text_encoder.float()
+            save_empty_prompt(model.encode_text([""]), empty_prompt_cache, source=f"{name} ({text_source})")
     model.to(torch.float32 if dtype is None else dtype)
+    if model.text_encoder is None:
+        width = model.config["unet"]["context_dim"]
+        cached = load_empty_prompt(empty_prompt_cache, width) if empty_prompt_cache is not None else None
+        model.empty_prompt = None if cached is None else cached.to(model.dtype)
+        log.info("no text encoder for %s: %s", name, "empty prompts from the stored features" if cached is not None
+                 else "prompts need a text encoder")
     if structure_path is not None:
         load_structure_branch(model, structure_path)
     model.place(device, offload=offload)
-    log.info("loaded DynamiCrafter from %s (%s, %s)", Path(path).name, device, model.dtype)
+    log.info("loaded DynamiCrafter from %s (%s, %s)", name, device, model.dtype)
     return model
 
 

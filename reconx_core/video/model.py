@@ -16,6 +16,7 @@ from typing import List, Optional, Union
 import torch
 from torch import nn
 
+from ..errors import ResourceError
 from ..structure import PointCloudEncoder
 from .clip import ImageTower, TextTower
 from .resampler import build_resampler
@@ -77,6 +78,8 @@ class VideoModel(nn.Module):
         with torch.device("cpu"):  # real values even when the networks are built on the meta device
             self.schedule = DiffusionSchedule.official(**config["schedule"])
         self.tokenizer = ClipTokenizer()
+        # The text tower's output for "" when the model was loaded without a text encoder (see encode_text).
+        self.register_buffer("empty_prompt", None, persistent=False)
         self.device = torch.device("cpu")
         self.offload_device = None  # set by `place`
 
@@ -123,7 +126,25 @@ class VideoModel(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, prompts: Union[str, List[str]]) -> torch.Tensor:
-        """Prompts -> (B, 77, context_dim) penultimate-layer CLIP text features."""
+        """Prompts -> (B, 77, context_dim) penultimate-layer CLIP text features.
+
+        Without a text tower (`text_encoder` None: a ComfyUI pruned checkpoint loaded with no text encoder) only
+        empty prompts work, from the stored `empty_prompt` features; anything else is a ResourceError.
+        """
+        if self.text_encoder is None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if any(" ".join(p.split()) for p in prompts):
+                raise ResourceError(
+                    "this video model was loaded without a text encoder, so only an empty prompt works; clear the "
+                    "prompt, or pick an OpenCLIP ViT-H-14 text encoder in the video model loader "
+                    "(open_clip_pytorch_model.safetensors of laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+            if self.empty_prompt is None:
+                raise ResourceError(
+                    "this video model was loaded without a text encoder and no stored empty-prompt features were "
+                    "found; pick an OpenCLIP ViT-H-14 text encoder once in the video model loader (its empty-prompt "
+                    "output is then saved beside the models, and later runs with empty prompts need no text "
+                    "encoder)")
+            return self.empty_prompt.to(self.device).expand(len(prompts), -1, -1).clone()
         tokens = self.tokenizer(prompts).to(self.device)
         with self.stage(self.text_encoder) as text:
             return text(tokens)
