@@ -216,7 +216,8 @@ def machine_facts(cuda: bool) -> dict:
         props = torch.cuda.get_device_properties(0)
         facts.update(gpu=props.name, gpu_memory_mib=round(props.total_memory / MIB), capability=f"{props.major}."
                      f"{props.minor}", multiprocessors=props.multi_processor_count,
-                     cudnn=torch.backends.cudnn.version(), bf16_supported=torch.cuda.is_bf16_supported())
+                     cudnn=torch.backends.cudnn.version(), bf16_supported=torch.cuda.is_bf16_supported(),
+                     tf32={"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32})
         facts["driver"] = _run_quiet(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         nvcc = _run_quiet(["nvcc", "--version"]).splitlines()
         facts["nvcc"] = nvcc[-1] if nvcc else None
@@ -232,19 +233,23 @@ class GsplatBuild:
 
     def __init__(self, log_dir: Path):
         self.log_path = log_dir / "gsplat_build.log"
-        env = dict(os.environ)
-        env.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 4) - 4)))
-        if "TORCH_CUDA_ARCH_LIST" not in env:
+        # Set here, in this process, so that this process's later load of the extension computes the same ninja
+        # flags (a different arch list would rebuild everything).
+        os.environ.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 4) - 4)))
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ:
             major, minor = torch.cuda.get_device_capability(0)
-            env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"   # one architecture: the build takes a fraction
-        self.env_used = {k: env.get(k) for k in ("MAX_JOBS", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME")}
+            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"   # one architecture: a fraction of the work
+        env = dict(os.environ)
+        self.env_used = {k: env.get(k) for k in ("MAX_JOBS", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME",
+                                                 "TORCH_EXTENSIONS_DIR")}
         code = ("import json, time; t = time.time()\n"
                 "from gsplat.cuda._backend import _C\n"
                 "print('GSPLAT_BUILD_RESULT ' + json.dumps({'ok': _C is not None, 'seconds': time.time() - t}))\n")
         self.started = time.perf_counter()
         self.log = open(self.log_path, "w")
+        # its own process group, so that stop() also ends the nvcc/ninja processes it starts
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=str(REPO))
+                                     env=env, cwd=str(REPO), start_new_session=True)
         self.result = None
 
     def running(self) -> bool:
@@ -273,12 +278,15 @@ class GsplatBuild:
         return out
 
     def stop(self):
+        """End the build (its whole process group) if it is still running."""
         if self.running():
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                    self.proc.wait(timeout=10)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
 
 
 # ------------------------------------------------------------------------------------------- dust3r
@@ -444,12 +452,25 @@ def section_align(ctx: Context) -> dict:
     ctx.sync()
     make_s = time.perf_counter() - t0
     ctx.reset_peak()
+    stamps = []
+    begin = time.perf_counter()
 
     def progress(step, total):
+        stamps.append((step, time.perf_counter()))
         if ctx.remaining() < 0:
-            raise BudgetExceeded(f"stopped after {step}/{total} steps by the time budget")
+            raise BudgetExceeded(step)
 
-    scene, seconds = ctx.timed(lambda: align_views(pairs, niter=P["niter"], callback=progress))
+    try:
+        scene, seconds = ctx.timed(lambda: align_views(pairs, niter=P["niter"], callback=progress))
+    except BudgetExceeded as exc:
+        ctx.sync()
+        (first_step, first_t), (last_step, last_t) = stamps[0], stamps[-1]
+        return {"status": "ok", "reason": f"stopped by the time budget after {exc.args[0]} of {P['niter']} steps",
+                "views": P["views"], "size": f"{P['width']}x{P['height']}", "niter": P["niter"],
+                "make_pairs_s": round(make_s, 2), "steps_done": last_step,
+                "init_and_first_step_s": round(first_t - begin, 3),
+                "steps_per_s": round((last_step - first_step) / (last_t - first_t), 2) if last_t > first_t else None,
+                "peak_mib": ctx.peak_mib()}
     errors = errors_vs_gt(scene.cameras.cam_to_world.cpu(), scene.cameras.focals.cpu(), scene.depths.cpu(),
                           scene.pts3d.cpu(), gt["cam_to_world"], gt["focal"], gt["depth"])
     timings = scene.info.get("timings", {})
@@ -504,10 +525,13 @@ def _lpips_setting(ctx):
 
 def _compare_backends(ctx, gaussians, cameras, label):
     """Render the same Gaussians with both backends (no grad) and compare the images."""
-    from reconx_core.gaussians import render
+    from reconx_core.gaussians import rasterize_gsplat, render
 
     with torch.no_grad():
         a = [render(gaussians, cameras[i:i + 8], backend="gsplat") for i in range(0, len(cameras), 8)]
+        if rasterize_gsplat._state["failed"]:
+            # render() falls back to our rasterizer when gsplat fails at first use: that is no comparison
+            raise RuntimeError("gsplat failed at its first use and render() fell back to the torch rasterizer")
         b = [render(gaussians, cameras[i:i + 8], backend="torch") for i in range(0, len(cameras), 8)]
     rgb_a, rgb_b = torch.cat([o.rgb for o in a]), torch.cat([o.rgb for o in b])
     al_a, al_b = torch.cat([o.alpha for o in a]), torch.cat([o.alpha for o in b])
@@ -529,12 +553,18 @@ def _fit(ctx, images, cameras, init, steps, backend, lpips_random, lpips_dirs, b
     """One fit, stopped by its time budget if need be. Returns (record, fitted Gaussians or None)."""
     from reconx_core.gaussians import fit_gaussians, rasterize_gsplat
 
-    stamps = []
+    synced = []                      # (step, time) after a device synchronisation: step 1, every 50th, the last
     stop_at = time.perf_counter() + budget_s
+    done = [0]
 
     def progress(step, total):
-        stamps.append(time.perf_counter())
+        done[0] = step
+        if step == 1 or step % 50 == 0 or step == total:
+            ctx.sync()
+            synced.append((step, time.perf_counter()))
         if time.perf_counter() > stop_at or ctx.remaining() < 0:
+            ctx.sync()
+            synced.append((step, time.perf_counter()))
             raise BudgetExceeded(step)
 
     ctx.reset_peak()
@@ -548,11 +578,11 @@ def _fit(ctx, images, cameras, init, steps, backend, lpips_random, lpips_dirs, b
         stopped = int(exc.args[0])
     ctx.sync()
     wall = time.perf_counter() - t0
-    done = len(stamps)
-    # steady-state rate: from the first step's end (LPIPS load and first-call set-up before it) to the last
-    rate = (done - 1) / (stamps[-1] - stamps[0]) if done > 1 and stamps[-1] > stamps[0] else None
-    rec = {"status": "ok", "steps_requested": steps, "steps_done": done, "wall_s": round(wall, 2),
-           "first_step_s": round(stamps[0] - t0, 3) if stamps else None,
+    # steady-state rate: from the end of step 1 (LPIPS load and first-call set-up before it) to the last stamp
+    (s0, t_first), (s1, t_last) = (synced[0], synced[-1]) if synced else ((0, t0), (0, t0))
+    rate = (s1 - s0) / (t_last - t_first) if s1 > s0 and t_last > t_first else None
+    rec = {"status": "ok", "steps_requested": steps, "steps_done": done[0], "wall_s": round(wall, 2),
+           "first_step_s": round(t_first - t0, 3) if synced else None,
            "steps_per_s": None if rate is None else round(rate, 2),
            "est_1000_steps_s": None if rate is None else round(1000 / rate, 1), "peak_mib": ctx.peak_mib(),
            "gaussians": len(init)}
@@ -567,7 +597,7 @@ def _fit(ctx, images, cameras, init, steps, backend, lpips_random, lpips_dirs, b
 
 
 def section_gaussians(ctx: Context) -> dict:
-    from reconx_core.gaussians import init_from_points, rasterize_gsplat
+    from reconx_core.gaussians import init_from_points
     from tests.synthetic_textured import make_scene
 
     P = ctx.profile["gaussians"]
@@ -585,22 +615,35 @@ def section_gaussians(ctx: Context) -> dict:
            "input": "ray-cast textured scene of tests/synthetic_textured.py, init from the end frames' points",
            "make_scene_cpu_s": round(make_s, 2), "lpips": lpips_note, "lpips_random_backbone": lpips_random,
            "fits": {}, "parity": {}}
+    fitted = {}
+    # Seconds kept for the gsplat fit and the comparison while the torch fit and the build wait run.
+    keep = 70.0 if ctx.real_models else 5.0
 
-    # gsplat: on CUDA the real one once its background build is done; in the CPU simulation the emulation
+    # 1. our torch rasterizer (needs nothing built)
+    try:
+        budget = max(5.0, (ctx.remaining() - keep) * 0.6)
+        rec, g = _fit(ctx, images, cameras, init, P["steps"], "torch", lpips_random, lpips_dirs, budget)
+        out["fits"]["torch"] = rec
+        if g is not None:
+            fitted["torch"] = g
+    except Exception as exc:
+        out["fits"]["torch"] = error_record(exc)
+    free_memory(ctx)
+    ctx.report.save()
+
+    # 2. gsplat: on CUDA the real one once its background build is done; in the CPU simulation the emulation
     gsplat_ready, gsplat_why = False, None
     emulate = contextlib.nullcontext()
     if ctx.cuda:
         if ctx.gsplat_build is None:
             gsplat_why = ctx.report.data["machine"].get("gsplat", {}).get("why", "gsplat is not installed")
         else:
-            reserve = 60 if ctx.real_models else 5       # keep time for the torch fit and the comparison
-            status = ctx.gsplat_build.wait(timeout=0)
-            if status["running"]:
-                status = ctx.gsplat_build.wait(timeout=max(0.0, ctx.remaining() - reserve - 60))
+            status = ctx.gsplat_build.wait(timeout=max(0.0, ctx.remaining() - keep))
             out["gsplat_build"] = status
             gsplat_ready = not status["running"] and status.get("ok", False)
             if not gsplat_ready:
-                gsplat_why = ("gsplat's build is still running" if status["running"] else "gsplat's build failed")
+                gsplat_why = (f"gsplat's first build still running after {status['elapsed_s']} s" if status["running"]
+                              else "gsplat's build failed (gsplat_build.log_tail)")
     else:
         try:
             import gsplat  # noqa: F401
@@ -611,23 +654,20 @@ def section_gaussians(ctx: Context) -> dict:
             gsplat_why = f"gsplat not importable ({type(exc).__name__}); pip install gsplat==1.5.3"
 
     with emulate:
-        backends = ["torch"] + (["gsplat"] if gsplat_ready else [])
         if not gsplat_ready:
             out["fits"]["gsplat"] = {"status": "skipped", "reason": gsplat_why}
-        fitted = {}
-        for k, backend in enumerate(backends):
-            left = len(backends) - k
-            budget = max(5.0, (ctx.remaining() - 25) / left)
+            out["parity"] = {"status": "skipped", "reason": gsplat_why}
+        else:
             try:
-                rec, g = _fit(ctx, images, cameras, init, P["steps"], backend, lpips_random, lpips_dirs, budget)
-                out["fits"][backend] = rec
+                budget = max(5.0, ctx.remaining() - 25.0)
+                rec, g = _fit(ctx, images, cameras, init, P["steps"], "gsplat", lpips_random, lpips_dirs, budget)
+                out["fits"]["gsplat"] = rec
                 if g is not None:
-                    fitted[backend] = g
+                    fitted["gsplat"] = g
             except Exception as exc:
-                out["fits"][backend] = error_record(exc)
+                out["fits"]["gsplat"] = error_record(exc)
             free_memory(ctx)
             ctx.report.save()
-        if gsplat_ready:
             # the same Gaussians through both backends: the initial ones, the fitted ones, and the fitted ones with
             # opacities capped at 0.98 (below both clamps, so what remains is the adapter and rounding)
             cases = [("init", init)]
@@ -643,13 +683,10 @@ def section_gaussians(ctx: Context) -> dict:
                 except Exception as exc:
                     out["parity"][label] = error_record(exc)
                 ctx.report.save()
-        else:
-            out["parity"] = {"status": "skipped", "reason": gsplat_why}
-    statuses = [r.get("status") for r in out["fits"].values()]
-    if "failed" in statuses:
+    failed = {b: r.get("reason") for b, r in out["fits"].items() if r.get("status") == "failed"}
+    if failed:
         out["status"] = "failed"
-        out["reason"] = "a fit failed: " + ", ".join(f"{b}: {r.get('reason')}" for b, r in out["fits"].items()
-                                                      if r.get("status") == "failed")
+        out["reason"] = "a fit failed: " + "; ".join(f"{b}: {why}" for b, why in failed.items())
     return out
 
 

@@ -9,6 +9,7 @@ every section runs to "ok" or says why it was skipped, and that the report is co
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import json
 import subprocess
 import sys
@@ -168,3 +169,33 @@ def test_meta_parameter_counts_match_the_official_manifests(gpu_check):
     assert set(check) == {"dust3r_512_dpt", "unet", "vae", "text_encoder", "image_encoder", "image_proj"}
     assert all(row["equal"] for row in check.values()), check
     assert check["dust3r_512_dpt"]["ours"] == 571_171_208 and check["unet"]["ours"] == 1_438_854_980
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is not None, reason="with nvcc here the build would really compile")
+def test_gsplat_background_build_reports_its_result(tmp_path, gpu_check, monkeypatch):
+    """The background build's plumbing: child process, log, result line, status; without a CUDA toolkit gsplat
+    declines to build, which must read as 'not ok' with the log's tail (never as success)."""
+    pytest.importorskip("gsplat", reason="gsplat is not installed")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setenv("MAX_JOBS", "1")
+    build = gpu_check.GsplatBuild(tmp_path)
+    status = build.wait(timeout=120)
+    build.stop()
+    assert status["running"] is False and status["returncode"] == 0
+    assert status["ok"] is False and "log_tail" in status
+    assert status["env"]["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert (tmp_path / "gsplat_build.log").is_file()
+
+
+def test_time_budgets_stop_loops_and_keep_the_rates(tmp_path, gpu_check, monkeypatch):
+    """A section past its budget keeps what it measured: the alignment reports its steps and rate, the video runs
+    that no longer fit are skipped with the reason."""
+    monkeypatch.setitem(gpu_check.BUDGETS, "align", 1e-6)
+    monkeypatch.setitem(gpu_check.BUDGETS, "video", 1e-6)
+    out = tmp_path / "b.json"
+    assert gpu_check.main(["--device", "cpu", "--quick", "--sections", "align,video", "--output", str(out)]) == 0
+    sections = json.loads(out.read_text())["sections"]
+    align = sections["align"]
+    assert align["status"] == "ok" and "stopped by the time budget" in align["reason"] and align["steps_done"] >= 1
+    runs = sections["video"]["runs"]
+    assert all(r["status"] == "skipped" and "budget" in r["reason"] for r in runs.values())
