@@ -125,3 +125,73 @@ def scene_path(scene: Scene, kind: str, frames: int, width: int = 0, height: int
     if width or height:
         cameras = resize_cameras(cameras, width or cameras.width, height or cameras.height)
     return cameras
+
+
+# ----------------------------------------------------------------------------------------------- video segments
+SEGMENT_PATH_KINDS = ("linear", "spline", "viewcrafter")
+
+
+def viewcrafter_path(cameras: Cameras, frames: int = 25) -> Cameras:
+    """ViewCrafter's sparse-view camera path (`generate_traj_interp` of Drexubery/ViewCrafter), quirks included.
+
+    cameras: K >= 2 reference cameras; frames: L >= 2 frames per segment including both ends.
+    Returns (K-1)(L-1)+1 cameras; reference k is frame k(L-1), exactly.
+    Per consecutive pair (a, b), frames j = 0..L-2 sit at u = j / L (not j / (L-1): the official spline samples
+    `linspace(0, 1, L, endpoint=False)` and drops its last value, so each segment's last step is twice as long):
+      centre  (1-u) c_a + u c_b;
+      rotation from a lerped viewing direction and up vector, z = normalize((1-u) z_a + u z_b),
+      y' = (1-u) y_a + u y_b, x = normalize(y' x z), y = z x x (columns of the camera-to-world rotation; not a
+      slerp, equal to one only for turns about a fixed axis up to the speed profile);
+      focal and principal point (1 - j/(L-2)) K_a + j/(L-2) K_b (the official weights, `interpolate_sequence`,
+      reach K_b one frame before the pose does).
+    The last reference camera ends the path. Computed in float64 as the official code does (scipy spline on
+    numpy), returned in the input dtype. Differences from `segment_path(..., "linear")`: that one slerps the
+    rotation at constant angular speed with u = j/(L-1) and interpolates the intrinsics with the same u.
+    """
+    K = len(cameras)
+    if K < 2:
+        raise InputError(f"a ViewCrafter path needs at least 2 cameras, got {K}")
+    if frames < 2:
+        raise InputError(f"frames per segment must be >= 2, got {frames}")
+    c2w, intr = cameras.cam_to_world.double(), cameras.intrinsics.double()
+    L = int(frames)
+    u = torch.arange(L - 1, dtype=torch.float64, device=c2w.device) / L
+    w_k = (torch.arange(L - 1, dtype=torch.float64, device=c2w.device) / (L - 2)) if L > 2 else u.new_zeros(1)
+    poses, intrinsics = [], []
+    for a in range(K - 1):
+        A, B = c2w[a], c2w[a + 1]
+        lerp = lambda p, q: (1 - u)[:, None] * p + u[:, None] * q  # noqa: E731
+        z = torch.nn.functional.normalize(lerp(A[:3, 2], B[:3, 2]), dim=-1)
+        x = torch.nn.functional.normalize(torch.linalg.cross(lerp(A[:3, 1], B[:3, 1]), z, dim=-1), dim=-1)
+        y = torch.linalg.cross(z, x, dim=-1)
+        M = torch.eye(4, dtype=torch.float64, device=c2w.device).repeat(L - 1, 1, 1)
+        M[:, :3, 0], M[:, :3, 1], M[:, :3, 2], M[:, :3, 3] = x, y, z, lerp(A[:3, 3], B[:3, 3])
+        poses.append(M)
+        intrinsics.append(intr[a] + w_k[:, None, None] * (intr[a + 1] - intr[a]))
+    poses.append(c2w[-1:])
+    intrinsics.append(intr[-1:])
+    dtype = cameras.cam_to_world.dtype
+    return Cameras(torch.cat(poses).to(dtype), torch.cat(intrinsics).to(cameras.intrinsics.dtype),
+                   cameras.width, cameras.height)
+
+
+def segment_path(cameras: Cameras, frames_per_segment: int, kind: str = "linear") -> Cameras:
+    """Cameras for K-1 video segments between K reference cameras, consecutive segments sharing their ends.
+
+    cameras: K >= 2 cameras; frames_per_segment: L >= 2, both ends included. Returns (K-1)(L-1)+1 cameras, reference
+    k at frame k(L-1) exactly (the layout of `reconx_core.video.interpolate`'s output).
+    kind: "linear" (per segment: rotation slerped at constant angular speed, centre and intrinsics linear, evenly
+    in time), "spline" (the same rotations, centres on a Catmull-Rom spline through all references: no kink at the
+    references when K > 2) or "viewcrafter" (`viewcrafter_path`: ViewCrafter's own path, the motion its checkpoints
+    were trained on).
+    """
+    if kind not in SEGMENT_PATH_KINDS:
+        raise InputError(f"unknown segment path {kind!r}; choose one of {SEGMENT_PATH_KINDS}")
+    if len(cameras) < 2:
+        raise InputError(f"a path between reference views needs at least 2 cameras, got {len(cameras)}")
+    if frames_per_segment < 2:
+        raise InputError(f"frames per segment must be >= 2, got {frames_per_segment}")
+    if kind == "viewcrafter":
+        return viewcrafter_path(cameras, frames_per_segment)
+    total = (len(cameras) - 1) * (frames_per_segment - 1) + 1
+    return interpolate_cameras(cameras, total, positions=kind)

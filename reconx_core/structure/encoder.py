@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .errors import InputError
-from .types import Scene
+from ..errors import InputError
+from ..types import Scene
 
 DOWNSAMPLE = 8
 
