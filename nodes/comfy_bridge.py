@@ -28,16 +28,22 @@ except ImportError:  # a script, a notebook, or CI
     folder_paths = model_management = comfy_utils = None
     HAVE_COMFY = False
 
-MODEL_EXTENSIONS = {".safetensors", ".pth", ".ckpt", ".pt"}
+MODEL_EXTENSIONS = {".safetensors", ".pth", ".ckpt", ".pt", ".bin"}
 # Our model folders under ComfyUI's models/ (DESIGN.md): folder name -> what it holds.
-MODEL_FOLDERS = {"dust3r": "DUSt3R checkpoints", "reconx": "DynamiCrafter-512-interp, structure branch, LPIPS backbones"}
+MODEL_FOLDERS = {"dust3r": "DUSt3R / MASt3R checkpoints (files, or Hugging Face folders with config.json + "
+                           "model.safetensors)",
+                 "reconx": "DynamiCrafter-512-interp, structure branch, LPIPS backbones"}
+# ComfyUI's own folders we read from (it registers them itself): clip_vision, text_encoders (and legacy clip).
+COMFY_FOLDERS = ("clip_vision", "text_encoders")
+# Where ComfyUI-DynamiCrafterWrapper keeps the pruned DynamiCrafter files; listed with models/reconx.
+EXTRA_VIDEO_FOLDER = os.path.join("checkpoints", "dynamicrafter")
 
 # Without ComfyUI, models live here (override with RECONX_MODELS_DIR).
 _FALLBACK_MODELS_DIR = Path(os.environ.get("RECONX_MODELS_DIR", Path(__file__).resolve().parents[1] / "models"))
 
 
 def register_model_folders() -> None:
-    """Add models/dust3r and models/reconx to ComfyUI's folder registry (idempotent)."""
+    """Add models/dust3r and models/reconx (+ checkpoints/dynamicrafter) to ComfyUI's folder registry (idempotent)."""
     if not HAVE_COMFY:
         return
     for name in MODEL_FOLDERS:
@@ -46,44 +52,98 @@ def register_model_folders() -> None:
             folder_paths.add_model_folder_path(name, path)
         else:
             folder_paths.folder_names_and_paths[name] = ([path], set(MODEL_EXTENSIONS))
+    folder_paths.add_model_folder_path("reconx", os.path.join(folder_paths.models_dir, EXTRA_VIDEO_FOLDER))
 
 
 def model_folders(name: str) -> list[Path]:
-    """The folders searched for models of kind `name` ("dust3r" or "reconx")."""
+    """The folders searched for models of kind `name` ("dust3r", "reconx", "clip_vision", "text_encoders")."""
     if HAVE_COMFY:
         register_model_folders()
         return [Path(p) for p in folder_paths.get_folder_paths(name)]
     return [_FALLBACK_MODELS_DIR / name]
 
 
-def list_models(name: str) -> list[str]:
-    """File names (relative to their folder) of the models of kind `name`, for a node's combo box."""
+def _present(name: str) -> list[str]:
     if HAVE_COMFY:
         register_model_folders()
-        return sorted(folder_paths.get_filename_list(name))
+        return list(folder_paths.get_filename_list(name))
     found = []
     for folder in model_folders(name):
         if folder.is_dir():
-            found += [str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in MODEL_EXTENSIONS]
-    return sorted(found)
+            found += [p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                      if p.suffix in MODEL_EXTENSIONS and not p.name.startswith(".")]
+    return found
 
 
-def model_path(name: str, filename: str) -> Path:
-    """Absolute path of `filename` in the `name` model folders; a clear error when it is not there."""
-    from reconx_core.errors import CheckpointError
-
+def _full_path(name: str, filename: str) -> Optional[Path]:
     if HAVE_COMFY:
         register_model_folders()
         full = folder_paths.get_full_path(name, filename)
-        if full is not None:
-            return Path(full)
-    else:
-        for folder in model_folders(name):
-            candidate = (folder / filename).resolve()
-            if candidate.is_file() and folder.resolve() in candidate.parents:
-                return candidate
+        return Path(full) if full is not None else None
+    for folder in model_folders(name):
+        candidate = (folder / filename).resolve()
+        if candidate.is_file() and folder.resolve() in candidate.parents:
+            return candidate
+    return None
+
+
+def list_models(name: str, kinds: Optional[set] = None, downloads: bool = True) -> list[str]:
+    """File names (relative to their folder) for a node's combo box.
+
+    kinds: keep only files of these kinds (reconx_core.model_files.classify_model_file: the safetensors header,
+    or the name of a pickle), so each list shows what its input can load. downloads: append the known files of
+    those kinds that are absent, marked "⬇ name (size, licence, download)" (choosing one downloads it).
+    """
+    from reconx_core.model_files import classify_model_file
+
+    present = sorted(_present(name))
+    if kinds is None:
+        return present
+    kept = [f for f in present if classify_model_file(_full_path(name, f) or f) in kinds]
+    if not downloads:
+        return kept
+    from reconx_core.downloads import absent_choices
+
+    return kept + absent_choices(name, kinds, present)
+
+
+def is_download_choice(filename: str) -> bool:
+    from reconx_core.downloads import parse_choice
+
+    return parse_choice(filename) is not None
+
+
+def model_path(name: str, filename: str) -> Path:
+    """Absolute path of `filename` in the `name` model folders; a clear error when it is not there.
+
+    A "⬇ name (...)" choice resolves to the file when it is present by now, else downloads it into the first
+    folder of `name` with ComfyUI's progress bar (cancel stops it and leaves no partial file).
+    """
+    from reconx_core.downloads import download, parse_choice
+    from reconx_core.errors import CheckpointError
+
+    known = parse_choice(filename)
+    if known is not None:
+        existing = next((p for p in (_full_path(name, f) for f in _present(name) if Path(f).name == known.name)
+                         if p is not None), None)
+        if existing is not None:
+            return existing
+        progress = Progress(1000)
+        log.info("downloading %s into %s", known.name, model_folders(name)[0])
+        return download(known, model_folders(name)[0], progress.phase(1000))
+    full = _full_path(name, filename)
+    if full is not None:
+        return full
     folders = ", ".join(str(f) for f in model_folders(name))
     raise CheckpointError(f"model file '{filename}' not found in models/{name} ({folders}); put it there and refresh")
+
+
+def validate_choice(name: str, filename: str):
+    """For a node's VALIDATE_INPUTS: True for a present file or a known download (also one chosen earlier whose
+    file is present by now, which the refreshed list no longer shows), else the reason."""
+    if is_download_choice(filename) or _full_path(name, filename) is not None:
+        return True
+    return f"'{filename}' is not in models/{name}; put it there and refresh, or pick another file"
 
 
 # ----------------------------------------------------------------------------------------------- devices

@@ -272,3 +272,54 @@ def test_without_text_encoder_empty_prompts_use_the_stored_features(tiny_files, 
     other = load_video_model(pruned, config=tiny_config(), clip_vision=clip_vision,
                              empty_prompt_cache=tmp_path / "other.safetensors")
     assert other.empty_prompt is None
+
+
+# ------------------------------------------------------------------------------------------------ the node
+class _ComfyClipVision:
+    """Stands in for comfy.clip_vision.ClipVisionModel: get_sd() is its model's state dict (transformers names)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def get_sd(self):
+        return self.state
+
+
+def test_video_loader_node_takes_comfyui_files_and_objects(tiny_files, tmp_path, monkeypatch):
+    from nodes import comfy_bridge as bridge
+    from nodes.loader_nodes import NO_TEXT, ReconXVideoModelLoader
+    from nodes.video_nodes import ReconXInterpolate
+    from reconx_core.testing import TINY_VIDEO, write_tiny_models
+    from reconx_core.video.checkpoint import CONFIG_METADATA_KEY
+    from tests.scene_factory import plane_scene
+
+    src, root = tiny_files
+    models = tmp_path / "models"
+    write_tiny_models(models)  # the full tiny checkpoint (both towers) in models/reconx
+    (models / "clip_vision").mkdir()
+    pruned = {k: v.half() for k, v in export_official_state_dict(src).items()
+              if not k.startswith(("cond_stage_model.", "embedder."))}
+    # the real pruned file has no config; the tiny one carries its (non-official) size in the metadata
+    save_file(pruned, str(models / "reconx" / "tiny_pruned_fp16.safetensors"),
+              metadata={"format": "pt", CONFIG_METADATA_KEY: json.dumps(tiny_config())})
+    (models / "clip_vision" / "vit_h.safetensors").write_bytes(
+        (root / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors").read_bytes())
+    monkeypatch.setattr(bridge, "_FALLBACK_MODELS_DIR", models)
+    loader, interpolate, scene = ReconXVideoModelLoader(), ReconXInterpolate(), plane_scene(2, 48, 64)
+
+    (model,) = loader.load("tiny_pruned_fp16.safetensors", "none", "fp32", "cpu", True,
+                           clip_vision_name="vit_h.safetensors")
+    assert model.module.text_encoder is None
+    with pytest.raises(ResourceError, match="pick an OpenCLIP ViT-H-14 text encoder once"):
+        interpolate.interpolate(model, scene, "", 2, 7.5, 1.0, 4, 5, 0)
+    # a model with a text tower saves the empty-prompt features beside the models; "none" then drops the tower
+    (full,) = loader.load(TINY_VIDEO, "none", "fp32", "cpu", True, text_encoder_name=NO_TEXT)
+    assert full.module.text_encoder is None and (models / "reconx" / EMPTY_PROMPT_FILE).is_file()
+    (model,) = loader.load("tiny_pruned_fp16.safetensors", "none", "fp32", "cpu", True,
+                           clip_vision=_ComfyClipVision(internal_to_transformers_vision(
+                               {k: v for k, v in src.state_dict().items() if k.startswith("image_encoder.visual.")},
+                               with_projection=32)))
+    frames, _ = interpolate.interpolate(model, scene, "", 2, 7.5, 1.0, 4, 5, 0)
+    assert frames.shape == (4, 64, 64, 3) and torch.isfinite(frames).all()  # 2 views, one segment of 4
+    with pytest.raises(ResourceError, match="only an empty prompt works"):
+        interpolate.interpolate(model, scene, "a street", 2, 7.5, 1.0, 4, 5, 0)

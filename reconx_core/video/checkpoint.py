@@ -275,7 +275,8 @@ def load_video_model(path: Union[str, Path], device: Union[str, torch.device] = 
                      dtype: Optional[torch.dtype] = None, structure_path: Optional[Union[str, Path]] = None,
                      config: Optional[dict] = None, offload: bool = False,
                      clip_vision: Optional[TowerSource] = None, text_encoder: Optional[TowerSource] = None,
-                     empty_prompt_cache: Optional[Union[str, Path]] = None) -> VideoModel:
+                     empty_prompt_cache: Optional[Union[str, Path]] = None,
+                     keep_text_encoder: bool = True) -> VideoModel:
     """Load DynamiCrafter 512 interp (UNet, VAE, CLIP towers, Resampler) into a VideoModel.
 
     path: model.ckpt (weights-only pickle), a .safetensors with the same keys (e.g. a bf16 variant), or the
@@ -287,7 +288,9 @@ def load_video_model(path: Union[str, Path], device: Union[str, torch.device] = 
     text_encoder: an OpenCLIP ViT-H-14 text tower (path or state dict). None: the checkpoint's, else the one inside
         an OpenCLIP clip_vision file, else none: then only empty prompts work, from `empty_prompt_cache`.
     empty_prompt_cache: file of the text tower's output for "" (comfy_layouts.EMPTY_PROMPT_FILE). Read when the
-        model ends up without a text tower; written (once, atomically) when it has one and the file is absent.
+        model ends up without a text tower; written (atomically) when it has one and the file is absent or unusable.
+    keep_text_encoder: False drops the text tower after computing its empty-prompt output (saves ~0.7-1.4 GB;
+        only empty prompts work then).
     dtype: None keeps float32; torch.float16 / torch.bfloat16 halve memory (GroupNorms and the Resampler
     softmax still compute in float32). structure_path: optional ReconX structure-branch safetensors.
     offload: keep weights on the CPU and move each network to `device` only while it runs.
@@ -323,13 +326,21 @@ def load_video_model(path: Union[str, Path], device: Union[str, torch.device] = 
     del internal
     _init_structure_params(model, "cpu")
     model.reset_buffers()
-    if model.text_encoder is not None and empty_prompt_cache is not None and not Path(empty_prompt_cache).is_file():
+    width = model.config["unet"]["context_dim"]
+    # (re)written when absent, damaged or of another model size (a tiny test model's)
+    write_cache = empty_prompt_cache is not None and load_empty_prompt(empty_prompt_cache, width) is None
+    if model.text_encoder is not None and (write_cache or not keep_text_encoder):
         with torch.no_grad():
-            model.text_encoder.float()
-            save_empty_prompt(model.encode_text([""]), empty_prompt_cache, source=f"{name} ({text_source})")
+            model.text_encoder.float()  # the stored features are float32 whatever the run's precision
+            features = model.encode_text([""])
+        if write_cache:
+            Path(empty_prompt_cache).parent.mkdir(parents=True, exist_ok=True)
+            save_empty_prompt(features, empty_prompt_cache, source=f"{name} ({text_source})")
+        if not keep_text_encoder:
+            model.text_encoder = None
+            model.empty_prompt = features
     model.to(torch.float32 if dtype is None else dtype)
-    if model.text_encoder is None:
-        width = model.config["unet"]["context_dim"]
+    if model.text_encoder is None and model.empty_prompt is None:
         cached = load_empty_prompt(empty_prompt_cache, width) if empty_prompt_cache is not None else None
         model.empty_prompt = None if cached is None else cached.to(model.dtype)
         log.info("no text encoder for %s: %s", name, "empty prompts from the stored features" if cached is not None
