@@ -26,7 +26,7 @@ def image_to_core(image: torch.Tensor, name: str = "images", device=None) -> tor
     if device is not None:
         out = out.to(device)
     if not torch.isfinite(out).all():
-        raise InputError(f"{name} contain NaN or infinite pixels; check the node that produced them")
+        raise InputError(f"{name} has NaN or infinite pixels; check the node that produced it")
     return out.contiguous()
 
 

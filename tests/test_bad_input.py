@@ -138,7 +138,7 @@ def test_tiny_photo(models):
 def test_nan_or_inf_pixels(models, bad):
     broken = photo(seed=1)
     broken[0, 5, 7, 1] = bad
-    with pytest.raises(InputError, match=r"image_2 contain NaN or infinite pixels; check the node that produced"):
+    with pytest.raises(InputError, match=r"image_2 has NaN or infinite pixels; check the node that produced it"):
         align(photo(), dust3r(), image_2=broken)
 
 
