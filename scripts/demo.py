@@ -15,10 +15,12 @@ Writes to out/ (or --out):
   motorcycle_flythrough.webp a fly-through rendered from the Gaussians
 and prints how far stage 1 is from the pair's ground truth (calibrated disparity -> metric depth).
 
-Weights: models/dust3r/DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (--weights PATH) and
-models/reconx/dynamicrafter_512_interp.ckpt (--video-weights PATH). A missing DUSt3R file is downloaded when the
-network allows; otherwise the script stops and says which file to put where, and where to download it.
---stage1-only stops after the alignment (needs only DUSt3R).
+Weights: models/dust3r/DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (--weights PATH) and either
+models/reconx/dynamicrafter_512_interp.ckpt or ComfyUI's dynamicrafter_512_interp_fp16_pruned.safetensors with a
+CLIP ViT-H file (--video-weights PATH, --clip-vision PATH). Missing files are downloaded only when asked (a yes on
+the terminal, or --download), by the same verified download code as the loader nodes; otherwise the script stops
+and says which file to put where, where to download it and its licence. --stage1-only stops after the alignment
+(needs only DUSt3R).
 
 `make demo ARGS=--tiny` runs every stage with tiny random-weight models: a SMOKE RUN that exercises the whole path
 where no weights exist. Its outputs are noise, not a reconstruction, and are written with a "tiny_" prefix.
@@ -30,10 +32,8 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -42,63 +42,122 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from reconx_core.downloads import ensure_file, human_size, known_file, manual_steps  # noqa: E402
 from reconx_core.errors import ReconXError  # noqa: E402
 
 DUST3R_FILE = "DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth"
-DUST3R_URL = f"https://download.europe.naverlabs.com/ComputerVision/DUSt3R/{DUST3R_FILE}"
 VIDEO_FILE = "dynamicrafter_512_interp.ckpt"
-VIDEO_URL = "https://huggingface.co/Doubiiu/DynamiCrafter_512_Interp/resolve/main/model.ckpt"
+PRUNED_FILE = "dynamicrafter_512_interp_fp16_pruned.safetensors"
+CLIP_VISION_FILE = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+OPENCLIP_FILE = "open_clip_ViT-H-14-laion2B-s32B-b79K.safetensors"
 # Middlebury 2014 Motorcycle, downsampled x4 as scikit-image ships it (see ../shared/ENV.md).
 FOCAL_PX, BASELINE_MM, DISPARITY_OFFSET = 994.978, 193.001, 31.086
 
 log = logging.getLogger("reconx.demo")
 
 
-def find_weights(path: str | None, models_dir: Path) -> Path:
-    """The DUSt3R checkpoint: the given path, the models folder, or a download into it (never half-written).
+def _may_download(args_download: bool, what: str) -> bool:
+    """Downloads ask first: --download says yes; on a terminal the user is asked; otherwise no."""
+    if args_download:
+        return True
+    if not sys.stdin.isatty() or os.environ.get("RECONX_NO_DOWNLOAD") == "1":
+        return False
+    answer = input(f"{what}\nDownload now? [y/N] ").strip().lower()
+    return answer in ("y", "yes")
 
-    RECONX_NO_DOWNLOAD=1 skips the download attempt (tests, offline machines).
+
+def _bytes_progress(name: str):
+    state = {"last": -1}
+
+    def progress(done: int, total: int) -> None:
+        percent = int(100 * done / max(total, 1))
+        if percent // 5 != state["last"] // 5:
+            state["last"] = percent
+            log.info("  %s: %d%% of %s", name, percent, human_size(total))
+
+    return progress
+
+
+def find_weights(path: str | None, models_dir: Path, allow_download: bool = False) -> Path:
+    """The DUSt3R checkpoint: the given path, the models folder, or (asked first) a verified download into it.
+
+    The download is reconx_core.downloads' (the loader nodes' too): never half-written, RECONX_NO_DOWNLOAD=1 off.
     """
     if path:
         weights = Path(path)
         if not weights.is_file():
             raise SystemExit(f"error: --weights {weights} does not exist")
         return weights
+    known = known_file(DUST3R_FILE)
     folder = models_dir / "dust3r"
-    weights = folder / DUST3R_FILE
-    if weights.is_file():
-        return weights
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = weights.with_suffix(".part")
+    for candidate in (folder / DUST3R_FILE, *folder.glob(f"*/{DUST3R_FILE}")):
+        if candidate.is_file():
+            return candidate
+    header = "error: the DUSt3R weights are missing"
+    if not _may_download(allow_download, f"{DUST3R_FILE} ({human_size(known.approx_bytes)}, {known.licence}) is "
+                                         f"missing from {folder}."):
+        raise SystemExit(f"{header}. Put it in place by hand, or run make demo ARGS=--download:\n"
+                         f"{manual_steps(known, folder)}\n"
+                         "  (or pass another checkpoint with make demo ARGS=\"--weights PATH\")")
     try:
-        if os.environ.get("RECONX_NO_DOWNLOAD") == "1":
-            raise OSError("downloads are switched off (RECONX_NO_DOWNLOAD=1)")
-        log.info("downloading %s (2.1 GB) ...", DUST3R_URL)
-        with urllib.request.urlopen(DUST3R_URL, timeout=15) as response, open(partial, "wb") as out:
-            shutil.copyfileobj(response, out, length=1 << 22)
-        partial.rename(weights)
-        return weights
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise SystemExit(
-            f"error: the DUSt3R weights are missing and could not be downloaded ({error}).\n"
-            f"  file:     {DUST3R_FILE}\n"
-            f"  folder:   {folder}\n"
-            f"  download: {DUST3R_URL}\n"
-            f"  (licence CC BY-NC-SA 4.0; or pass another checkpoint with make demo ARGS=\"--weights PATH\")")
+        return ensure_file(known, [folder], _bytes_progress(DUST3R_FILE))
+    except ReconXError as error:
+        raise SystemExit(f"{header} and could not be downloaded: {error}") from None
 
 
-def find_video_weights(path: str | None, models_dir: Path) -> Path:
-    """DynamiCrafter-512-interp: the given path or models/reconx; never downloaded (10 GB), the error says where."""
-    weights = Path(path) if path else models_dir / "reconx" / VIDEO_FILE
-    if weights.is_file():
-        return weights
+def find_video_weights(path: str | None, models_dir: Path, allow_download: bool = False,
+                       clip_vision: str | None = None) -> tuple[Path, Path | None]:
+    """(DynamiCrafter-512-interp checkpoint, CLIP image-encoder file or None).
+
+    The given path; else models/reconx/dynamicrafter_512_interp.ckpt (the original, with its CLIP towers); else
+    ComfyUI's fp16 pruned file (models/reconx or models/checkpoints/dynamicrafter) with a CLIP ViT-H file from
+    models/clip_vision or models/text_encoders; else, asked first, downloads of the pruned file and laion's OpenCLIP
+    ViT-H-14 (both towers, so text prompts work too): 7 GB instead of the original's 10.4 GB.
+    """
+    if path:
+        weights = Path(path)
+        if not weights.is_file():
+            raise SystemExit(f"error: --video-weights {weights} does not exist")
+        return weights, Path(clip_vision) if clip_vision else None
+    full = models_dir / "reconx" / VIDEO_FILE
+    if full.is_file():
+        return full, Path(clip_vision) if clip_vision else None
+    pruned_known, vision_known = known_file(PRUNED_FILE), known_file(OPENCLIP_FILE)
+    pruned = _first_file([models_dir / "reconx", models_dir / "checkpoints" / "dynamicrafter"], PRUNED_FILE)
+    vision = Path(clip_vision) if clip_vision else _first_file(
+        [models_dir / "clip_vision", models_dir / "text_encoders"], CLIP_VISION_FILE, OPENCLIP_FILE)
+    if pruned is not None and vision is not None:
+        return pruned, vision
+    wanted = [k for k, have in ((pruned_known, pruned), (vision_known, vision)) if have is None]
+    total = sum(k.size or k.approx_bytes for k in wanted)
+    ask = (f"The video model is missing: {', '.join(k.name for k in wanted)} ({human_size(total)}; "
+           f"{', '.join(sorted({k.licence for k in wanted}))}).")
+    if _may_download(allow_download, ask):
+        folders = {PRUNED_FILE: models_dir / "reconx", OPENCLIP_FILE: models_dir / "text_encoders"}
+        try:
+            got = {k.name: ensure_file(k, [folders[k.name]], _bytes_progress(k.name)) for k in wanted}
+        except ReconXError as error:
+            raise SystemExit(f"error: the video model could not be downloaded: {error}") from None
+        return pruned or got[PRUNED_FILE], vision or got[OPENCLIP_FILE]
+    full_known = known_file(VIDEO_FILE)
     raise SystemExit(
-        "error: the DynamiCrafter 512 interpolation weights are missing.\n"
-        f"  file:     {weights.name}  (the repository's model.ckpt, renamed)\n"
-        f"  folder:   {weights.parent}\n"
-        f"  download: {VIDEO_URL}\n"
+        "error: the DynamiCrafter 512 interpolation weights are missing. Either the original checkpoint "
+        "(the repository's model.ckpt, renamed):\n"
+        f"{manual_steps(full_known, models_dir / 'reconx')}\n"
+        "or ComfyUI's fp16 pruned file with a CLIP ViT-H encoder (make demo ARGS=--download fetches these):\n"
+        f"{manual_steps(pruned_known, models_dir / 'reconx')}\n"
+        f"{manual_steps(vision_known, models_dir / 'text_encoders')}\n"
+        f"  (or {CLIP_VISION_FILE} in {models_dir / 'clip_vision'}, which has no text tower: empty prompts only)\n"
         "  (or run make demo ARGS=--stage1-only for the DUSt3R stage alone, or ARGS=--tiny for a smoke run)")
+
+
+def _first_file(folders: list[Path], *names: str) -> Path | None:
+    for name in names:
+        for folder in folders:
+            for candidate in (folder / name, *folder.glob(f"*/{name}")):
+                if candidate.is_file():
+                    return candidate
+    return None
 
 
 def ground_truth_depth(disparity: np.ndarray) -> np.ndarray:
@@ -242,6 +301,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", help="a DUSt3R checkpoint (.pth or .safetensors)")
     parser.add_argument("--video-weights", help="DynamiCrafter 512 interp (model.ckpt or .safetensors)")
+    parser.add_argument("--clip-vision", help="CLIP ViT-H image encoder for a pruned --video-weights file")
+    parser.add_argument("--download", action="store_true",
+                        help="download missing weights without asking (they are checked and renamed into place)")
     parser.add_argument("--structure-weights", help="optional ReconX structure-branch .safetensors")
     parser.add_argument("--tiny", action="store_true", help="smoke run with tiny random-weight models")
     parser.add_argument("--stage1-only", action="store_true", help="stop after the DUSt3R global alignment")
@@ -282,10 +344,11 @@ def main() -> int:
         args.max_points = min(args.max_points, 5000)
         paths = write_tiny_models(tempfile.mkdtemp(prefix="reconx-tiny-"))
         dust3r_path, video_path, branch = paths["dust3r"], paths["video"], paths["structure_branch"]
-        prefix = "tiny_motorcycle_"
+        clip_vision, prefix = None, "tiny_motorcycle_"
     else:
-        dust3r_path = find_weights(args.weights, Path(args.models_dir))
-        video_path = None if args.stage1_only else find_video_weights(args.video_weights, Path(args.models_dir))
+        dust3r_path = find_weights(args.weights, Path(args.models_dir), args.download)
+        video_path, clip_vision = (None, None) if args.stage1_only else find_video_weights(
+            args.video_weights, Path(args.models_dir), args.download, args.clip_vision)
         branch = args.structure_weights
         prefix = "motorcycle_"
 
@@ -295,8 +358,11 @@ def main() -> int:
     scene = run_stage1(dust3r, photos, disparity, out, prefix, args)
     if not args.stage1_only:
         dtype = torch.bfloat16 if device.type == "cuda" else None
+        from reconx_core.video.comfy_layouts import EMPTY_PROMPT_FILE
+
+        cache = None if args.tiny else Path(args.models_dir) / "reconx" / EMPTY_PROMPT_FILE
         video = load_video_model(video_path, device=device, dtype=dtype, structure_path=branch,
-                                 offload=device.type == "cuda")
+                                 offload=device.type == "cuda", clip_vision=clip_vision, empty_prompt_cache=cache)
         run_stages2to5(dust3r, video, scene, out, prefix, args)
     log.info("outputs in %s: %s", out, ", ".join(sorted(p.name for p in out.glob(prefix + "*"))))
     return 0
