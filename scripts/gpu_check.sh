@@ -25,11 +25,19 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
 else
     echo "gpu_check.sh: no wheels in $WHEELS (run scripts/gpu_wheels.sh here and carry .gpu_wheels); using what is installed"
 fi
-# gsplat JIT-compiles with nvcc: point CUDA_HOME at the nvcc on PATH when it is not set.
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
-    CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
-    export CUDA_HOME
+# gsplat JIT-compiles with nvcc: CUDA_HOME must be the toolkit folder (bin/nvcc and include/cuda_runtime.h). An
+# nvcc on PATH may be a wrapper script (as /usr/local/bin/nvcc on the build machines), so check candidates.
+if [ -z "${CUDA_HOME:-}" ]; then
+    NVCC_DIR=""
+    if command -v nvcc >/dev/null 2>&1; then NVCC_DIR="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; fi
+    for cand in "$NVCC_DIR" /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-13 /opt/cuda; do
+        if [ -n "$cand" ] && [ -x "$cand/bin/nvcc" ] && [ -f "$cand/include/cuda_runtime.h" ]; then
+            export CUDA_HOME="$cand"
+            break
+        fi
+    done
 fi
+echo "gpu_check.sh: CUDA_HOME=${CUDA_HOME:-unset}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -2

@@ -22,6 +22,9 @@ swaps only those five names for CPU versions:
 
 Only the pinhole camera, classic/antialiased modes and no distortion are emulated (all our adapter uses). The
 tiling reference loops in Python over every (image, Gaussian): keep scenes to a few hundred Gaussians.
+Imports: `import gsplat` and `gsplat.cuda._torch_impl` need only torch, typing_extensions, jaxtyping and rich (all
+installed with gsplat) and never touch the CUDA backend, which is imported lazily at the first kernel call; the
+pure-PyTorch `gsplat.rendering._rasterization` would need nerfacc and CUDA kernels, and is not used.
 """
 
 from __future__ import annotations
