@@ -112,7 +112,7 @@ def align_views(pairs: PairPredictions, *, niter: int = 300, lr: float = 0.01, s
 
         if n_views == 2 and two_view_fast_path and listed == {(0, 1), (1, 0)}:
             cam_to_world, focals, depths = pair_viewer(edges, pts_i, pts_j, conf_i, conf_j, im_conf, min_conf_thr)
-            info = {"mode": "pairviewer", "loss": float("nan"), "loss_curve": torch.empty(0), "iterations": 0,
+            info = {"mode": "pairviewer", "loss": float("nan"), "loss_curve": torch.empty(0, device=device), "iterations": 0,
                     "timings": {"total_s": time.perf_counter() - t_start}}
             if callback is not None:
                 callback(1, 1)

@@ -239,7 +239,7 @@ def run_adam(params: RawParams, data: EdgeData, *, niter: int = 300, lr: float =
 
     The update is torch.optim.Adam's, written out on one flat buffer of every unknown. `callback(step, niter)`
     runs after every step; an exception it raises (e.g. a user interrupt) stops the loop there.
-    Returns (the optimised RawParams, views into one flat buffer; {"loss_curve": (niter,) float32 CPU tensor,
+    Returns (the optimised RawParams, views into one flat buffer; {"loss_curve": (niter,) float32 on the data's device,
     the loss before each step as officially recorded; "seconds": wall time of the loop}).
     """
     learning_rate(0, max(niter, 1), lr, schedule, lr_min)  # validates `schedule` before any work
@@ -270,4 +270,4 @@ def run_adam(params: RawParams, data: EdgeData, *, niter: int = 300, lr: float =
         flat.addcdiv_(exp_avg, denom, value=-step_size)
         if callback is not None:
             callback(step + 1, niter)
-    return params, {"loss_curve": curve.cpu(), "seconds": time.perf_counter() - start}
+    return params, {"loss_curve": curve, "seconds": time.perf_counter() - start}
