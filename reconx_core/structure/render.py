@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ..camera_path import segment_path
 from ..errors import InputError
 from ..framing import crop_resize
+from ..geometry import resize_cameras
 from ..types import Cameras, Scene, _check, _move
 
 @dataclass
@@ -186,7 +188,7 @@ class PathRenders:
     reference_cameras: Cameras of the K references at (W, H).
     frames_per_segment: L, both ends included.
     path:              the path kind ("linear", "spline", "viewcrafter").
-    radius:            splat radius in pixels.
+    radius:            splat radius in pixels (at the size the renders were made, see `render_scene_path`).
     info:              free-form metadata (point count, ...).
     """
 
@@ -235,14 +237,16 @@ class PathRenders:
 
 def render_scene_path(scene: Scene, frames_per_segment: int, width: int = 0, height: int = 0, path: str = "linear",
                       radius: Optional[float] = None, max_points: int = 0, points_per_pixel: int = 10,
-                      callback: Optional[Callable[[int, int], None]] = None) -> PathRenders:
+                      downsample: int = 1, callback: Optional[Callable[[int, int], None]] = None) -> PathRenders:
     """Render the scene's confident points along a path through its views, for a video model of width x height.
 
     scene: K >= 2 aligned views in order. frames_per_segment: L >= 2 (both ends). width, height: the render size
     (0: the scene's); the views are centre-cropped to that aspect and resized, and their cameras follow exactly
     (`reconx_core.framing.crop_resize`). path: `reconx_core.camera_path.segment_path` kind. radius: splat radius
     in pixels (None: `default_radius`). max_points: keep an evenly strided subset of at most this many points
-    (0: all confident points, `Scene.confident_points`).
+    (0: all confident points, `Scene.confident_points`). downsample: render at 1/downsample of the size (radius
+    then refers to that size) and resize bilinearly (align_corners False) to width x height, as ViewCrafter makes
+    its 576x1024 conditions from 288x512 renders; depth is resized by nearest neighbour.
     Returns PathRenders on the scene's device, S = (K-1)(L-1)+1 frames, reference k at frame k(L-1).
     """
     if not isinstance(scene, Scene):
@@ -259,13 +263,20 @@ def render_scene_path(scene: Scene, frames_per_segment: int, width: int = 0, hei
     if max_points and points.shape[0] > max_points:
         sel = torch.linspace(0, points.shape[0] - 1, int(max_points), device=points.device).round().long()
         points, colours = points[sel], colours[sel]
-    r = default_radius(W, H) if radius is None or radius <= 0 else float(radius)
-    out = render_point_cloud(points, colours, cameras, radius=r, points_per_pixel=points_per_pixel,
-                             callback=callback)
+    ds = max(1, int(downsample))
+    if H % ds or W % ds:
+        raise InputError(f"a {W}x{H} render cannot be made at 1/{ds} size; use a size divisible by {ds}")
+    small = cameras if ds == 1 else resize_cameras(cameras, W // ds, H // ds)
+    r = default_radius(W // ds, H // ds) if radius is None or radius <= 0 else float(radius)
+    out = render_point_cloud(points, colours, small, radius=r, points_per_pixel=points_per_pixel, callback=callback)
+    rgb, mask, depth = out.rgb.permute(0, 3, 1, 2).contiguous(), out.mask, out.depth
+    if ds > 1:
+        rgb = F.interpolate(rgb, size=(H, W), mode="bilinear", align_corners=False).clamp(0, 1)
+        mask = F.interpolate(mask[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0].clamp(0, 1)
+        depth = F.interpolate(depth[:, None], size=(H, W), mode="nearest")[:, 0]
     L = int(frames_per_segment)
     index = torch.arange(len(scene), device=scene.device) * (L - 1)
-    return PathRenders(frames=out.rgb.permute(0, 3, 1, 2).contiguous(), mask=out.mask, depth=out.depth,
-                       cameras=cameras, reference_index=index, references=references,
-                       reference_cameras=ref_cameras, frames_per_segment=L, path=path, radius=r,
-                       info={"points": int(points.shape[0])})
+    return PathRenders(frames=rgb, mask=mask, depth=depth, cameras=cameras, reference_index=index,
+                       references=references, reference_cameras=ref_cameras, frames_per_segment=L, path=path,
+                       radius=r, info={"points": int(points.shape[0]), "downsample": ds})
 

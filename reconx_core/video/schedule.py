@@ -73,11 +73,15 @@ class DiffusionSchedule:
         return cls(f32(betas), f32(alphas_cumprod), f32(prev), f32(alphas_cumprod.sqrt()),
                    f32((1.0 - alphas_cumprod).sqrt()), f32(scale_arr))
 
-    def ddim(self, steps: int = 50, eta: float = 1.0, spacing: str = "uniform_trailing") -> DDIMSteps:
+    def ddim(self, steps: int = 50, eta: float = 1.0, spacing: str = "uniform_trailing",
+             final_prev_from_start: bool = False) -> DDIMSteps:
         """DDIM sub-schedule as `make_ddim_timesteps` / `make_ddim_sampling_parameters` build it.
 
         spacing 'uniform_trailing': round(arange(T, 0, -T/S)) flipped, minus 1 (19, 39, ..., 999 for S=50);
         'uniform': arange(0, T, T//S) + 1.
+        final_prev_from_start: the dynamic rescale's "previous" scale of the last step (index 0). False: that step's
+        own scale (DynamiCrafter: x0 is not rescaled at the last step); True: scale_arr[0] = 1.0 (ViewCrafter's
+        sampler, lvdm/models/samplers/ddim.py "fix a bug": the last x0 is divided by scale_arr[t_last]).
         """
         T = self.num_timesteps
         if not 1 <= steps <= T:
@@ -93,5 +97,6 @@ class DiffusionSchedule:
         alphas_prev = torch.cat([ac[:1], ac[ts[:-1]]])
         sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
         scale = self.scale_arr[ts]
-        scale_prev = torch.cat([scale[:1], scale[:-1]])
+        first = self.scale_arr[:1] if final_prev_from_start else scale[:1]
+        scale_prev = torch.cat([first, scale[:-1]])
         return DDIMSteps(ts, alphas.float(), alphas_prev.float(), sigmas.float(), scale, scale_prev)

@@ -123,19 +123,22 @@ def convert_ldm_vae_state_dict(state: dict, vae: AutoencoderKL) -> dict:
 
 
 def encode_frames(vae: AutoencoderKL, frames: torch.Tensor, generator: Optional[torch.Generator] = None,
-                  sample: bool = True, callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+                  sample: bool = True, callback: Optional[Callable[[int, int], None]] = None,
+                  noise: Optional[Callable] = None) -> torch.Tensor:
     """Frames (N, 3, H, W) in [-1, 1] -> latents (N, 4, H/8, W/8) * 0.18215, one frame at a time.
 
     sample=True draws from the posterior as the official `encode_first_stage` does (noise from `generator`,
-    made on the CPU so results do not depend on the device); False takes its mean.
+    made on the CPU so results do not depend on the device, or from `noise(shape)`, one draw per frame in order,
+    see reconx_core.video.sampler.ReplayNoise); False takes its mean.
     """
     dtype = next(vae.parameters()).dtype
     out = []
     for i in range(frames.shape[0]):
         dist = vae.encode(frames[i:i + 1].to(dtype)).latent_dist
         if sample:
-            noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(dist.mean)
-            z = dist.mean + dist.std * noise
+            draw = noise(tuple(dist.mean.shape)) if noise is not None else \
+                torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32)
+            z = dist.mean + dist.std * draw.to(dist.mean)
         else:
             z = dist.mean
         out.append(z * SCALE_FACTOR)
