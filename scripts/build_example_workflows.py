@@ -77,10 +77,11 @@ def geometry_only():
     nodes, links = photo_nodes(2)
     nodes += [
         {"id": 4, "type": "ReconXDust3rLoader", "pos": [340, 480], "size": [320, 110], "widgets": {"ckpt_name": DUST3R}},
-        {"id": 5, "type": "ReconXDust3rAlign", "pos": [700, 120], "size": [340, 320]},
+        {"id": 5, "type": "ReconXDust3rAlign", "pos": [700, 120], "size": [340, 420]},
         {"id": 6, "type": "PreviewPointCloud", "pos": [1080, -420], "size": [400, 400]},
-        {"id": 7, "type": "PreviewImage", "pos": [1080, 20], "size": [300, 260], "title": "Depth"},
-        {"id": 8, "type": "ReconXFitGaussians", "pos": [1080, 320], "size": [340, 320]},
+        # room below for the depth image, which the preview grows to show
+        {"id": 7, "type": "PreviewImage", "pos": [1080, 20], "size": [340, 340], "title": "Depth"},
+        {"id": 8, "type": "ReconXFitGaussians", "pos": [1080, 420], "size": [340, 320]},
         {"id": 9, "type": "PreviewGaussianSplat", "pos": [1460, 0], "size": [400, 400]},
         {"id": 10, "type": "ReconXRenderGaussians", "pos": [1460, 440], "size": [320, 200]},
         {"id": 11, "type": "SaveAnimatedWEBP", "pos": [1820, 440], "size": [360, 360],
@@ -98,11 +99,11 @@ def full_pipeline(n_photos: int):
     nodes, links = photo_nodes(n_photos)
     nodes += [
         {"id": 4, "type": "ReconXDust3rLoader", "pos": [340, 420], "size": [320, 110], "widgets": {"ckpt_name": DUST3R}},
-        {"id": 5, "type": "ReconXDust3rAlign", "pos": [700, 120], "size": [340, 290]},
+        {"id": 5, "type": "ReconXDust3rAlign", "pos": [700, 120], "size": [340, 420]},
         {"id": 6, "type": "PreviewPointCloud", "pos": [700, -420], "size": [400, 400]},
-        {"id": 7, "type": "ReconXVideoModelLoader", "pos": [700, 470], "size": [340, 160],
+        {"id": 7, "type": "ReconXVideoModelLoader", "pos": [700, 580], "size": [340, 230],
          "widgets": {"ckpt_name": DYNAMICRAFTER}},
-        {"id": 8, "type": "ReconXEncodePointCloud", "pos": [1080, 470], "size": [300, 100], "mode": 4},
+        {"id": 8, "type": "ReconXEncodePointCloud", "pos": [1080, 580], "size": [300, 100], "mode": 4},
         {"id": 9, "type": "ReconXInterpolate", "pos": [1420, 120], "size": [340, 330]},
         {"id": 10, "type": "SaveAnimatedWEBP", "pos": [1800, -420], "size": [360, 380],
          "widgets": {"filename_prefix": "reconx/interpolated", "fps": 8.0}},
@@ -131,9 +132,19 @@ WORKFLOWS = {"reconx_geometry_only": geometry_only,
              "reconx_multi_view": lambda: full_pipeline(3)}
 
 
+# The view a template opens with (LiteGraph: screen = (graph position + offset) * scale): the Note and the photos
+# at the top left, the whole graph on a 1600 px wide screen.
+VIEWS = {"reconx_geometry_only": {"scale": 0.6, "offset": [33, 453]},
+         "reconx_two_views": {"scale": 0.45, "offset": [44, 464]},
+         "reconx_multi_view": {"scale": 0.45, "offset": [44, 464]}}
+
+
 def build_all() -> dict:
     specs = node_specs()
-    return {name: build_ui(*make(), specs) for name, make in WORKFLOWS.items()}
+    workflows = {name: build_ui(*make(), specs) for name, make in WORKFLOWS.items()}
+    for name, view in VIEWS.items():
+        workflows[name]["extra"]["ds"] = dict(view)
+    return workflows
 
 
 def main() -> int:
