@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .geometry import camera_similarity, transform_poses
 from .metrics import LpipsMetric, image_metrics
 from .types import Cameras, Gaussians
 
@@ -55,12 +56,8 @@ class Similarity:
 
     def apply_c2w(self, cam_to_world: torch.Tensor) -> torch.Tensor:
         """(N, 4, 4) camera-to-world poses moved by the similarity (rotation and centre; cameras stay rigid)."""
-        c2w = cam_to_world.double()
-        R, t = self.rotation.to(c2w.device).double(), self.translation.to(c2w.device).double()
-        out = c2w.clone()
-        out[:, :3, :3] = R @ c2w[:, :3, :3]
-        out[:, :3, 3] = self.scale * c2w[:, :3, 3] @ R.T + t
-        return out.to(cam_to_world.dtype)
+        return transform_poses(cam_to_world.double(), self.scale, self.rotation, self.translation).to(
+            cam_to_world.dtype)
 
     def apply_points(self, points: torch.Tensor) -> torch.Tensor:
         """(..., 3) points moved by the similarity."""
@@ -70,14 +67,6 @@ class Similarity:
     def inverse(self) -> "Similarity":
         R_inv = self.rotation.T.clone()
         return Similarity(1.0 / self.scale, R_inv, -(R_inv @ self.translation) / self.scale)
-
-
-def _closest_rotation(M: torch.Tensor) -> torch.Tensor:
-    """The rotation R maximising tr(R^T M) (SVD with the reflection fixed)."""
-    U, _, Vh = torch.linalg.svd(M)
-    D = torch.eye(3, dtype=M.dtype, device=M.device)
-    D[2, 2] = torch.sign(torch.det(U @ Vh))
-    return U @ D @ Vh
 
 
 def has_baseline(cam_to_world: torch.Tensor, min_baseline: float = 1e-8) -> bool:
@@ -92,28 +81,24 @@ def context_similarity(true_c2w: torch.Tensor, est_c2w: torch.Tensor, min_baseli
     """The similarity carrying the true context cameras onto the estimated ones (module docstring).
 
     true_c2w, est_c2w: (K, 4, 4), K >= 2 context cameras, OpenCV camera-to-world, in the dataset's frame and in
-    the reconstruction's frame. Rotation: chordal mean of R_est R_true^T; scale: ratio of the camera centres'
-    spreads about their means (the ratio of the baselines for two views); translation from the mean centres.
-    Raises InputError when either set of centres coincides (the scale is then undefined).
+    the reconstruction's frame. The closed form of `reconx_core.geometry.camera_similarity`: rotation from the
+    orientations (chordal mean of R_est R_true^T) and the centred camera centres together; scale the ratio of
+    the centres' spreads about their means (with two views: the ratio of the baselines); translation from the
+    mean centres. Raises InputError when either set of centres coincides (the scale is then undefined).
     """
     if true_c2w.shape != est_c2w.shape or true_c2w.ndim != 3 or true_c2w.shape[1:] != (4, 4) or \
             true_c2w.shape[0] < 2:
         raise InputError(f"context poses must both be (K >= 2, 4, 4), got {tuple(true_c2w.shape)} and "
                          f"{tuple(est_c2w.shape)}")
     tr, es = true_c2w.double().cpu(), est_c2w.double().cpu()
-    ct, ce = tr[:, :3, 3], es[:, :3, 3]
     if not has_baseline(tr, min_baseline):
         raise InputError("the true context cameras share one centre (no baseline): the scale of the "
                          "reconstruction cannot be tied to the dataset's; this scene cannot be evaluated")
     if not has_baseline(es, min_baseline):
         raise InputError("the estimated context cameras share one centre (the reconstruction found no baseline): "
                          "the target cameras cannot be placed in its frame")
-    spread_t = float((ct - ct.mean(0)).norm(dim=-1).pow(2).sum().sqrt())
-    spread_e = float((ce - ce.mean(0)).norm(dim=-1).pow(2).sum().sqrt())
-    R = _closest_rotation((es[:, :3, :3] @ tr[:, :3, :3].transpose(1, 2)).sum(0))
-    s = spread_e / spread_t
-    t = ce.mean(0) - s * R @ ct.mean(0)
-    return Similarity(s, R, t)
+    scale, rot, trans = camera_similarity(tr, es)
+    return Similarity(scale, rot, trans)
 
 
 def map_target_cameras(true_context: Cameras, est_context: Cameras, true_targets: Cameras,

@@ -158,14 +158,20 @@ def similarity_matrix(scale: float, rot: torch.Tensor, trans: torch.Tensor) -> t
     return mat
 
 
+def transform_poses(cam_to_world: torch.Tensor, scale: float, rot: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+    """(N, 4, 4) camera-to-world poses carried by the similarity X' = s R X + t: [R R_i | s R c_i + t] (the cameras
+    stay rigid: the scale moves their centres only). Computed in the poses' dtype."""
+    R, t = rot.to(cam_to_world), trans.to(cam_to_world).reshape(3)
+    out = cam_to_world.clone()
+    out[:, :3, :3] = R @ cam_to_world[:, :3, :3]
+    out[:, :3, 3] = scale * cam_to_world[:, :3, 3] @ R.T + t
+    return out
+
+
 def transform_cameras(cameras: Cameras, scale: float, rot: torch.Tensor, trans: torch.Tensor) -> Cameras:
-    """Cameras carried by the similarity X' = s R X + t: pose [R R_i | s R c_i + t]; intrinsics unchanged."""
-    c2w = cameras.cam_to_world
-    R, t = rot.to(c2w), trans.to(c2w).reshape(3)
-    out = c2w.clone()
-    out[:, :3, :3] = R @ c2w[:, :3, :3]
-    out[:, :3, 3] = scale * c2w[:, :3, 3] @ R.T + t
-    return Cameras(out, cameras.intrinsics.clone(), cameras.width, cameras.height)
+    """Cameras carried by the similarity X' = s R X + t (see `transform_poses`); intrinsics unchanged."""
+    return Cameras(transform_poses(cameras.cam_to_world, scale, rot, trans), cameras.intrinsics.clone(),
+                   cameras.width, cameras.height)
 
 
 def camera_similarity(source_c2w: torch.Tensor, target_c2w: torch.Tensor, depth_scale: Optional[float] = None

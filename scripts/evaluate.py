@@ -274,7 +274,7 @@ def tiny_model_paths(needs: tuple, seed: int = 0) -> dict:
     try:
         from reconx_core.testing import tiny_dust3r, write_tiny_models
     except ImportError:  # before the move to reconx_core.testing
-        from reconx_core.tiny import tiny_dust3r, write_tiny_models
+        from reconx_core.testing import tiny_dust3r, write_tiny_models
     if "video" in needs:
         return write_tiny_models(tempfile.mkdtemp(prefix="reconx-eval-tiny-"), seed=seed)
     return {"dust3r_model": tiny_dust3r(seed)}
