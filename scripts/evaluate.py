@@ -271,10 +271,7 @@ def tiny_model_paths(needs: tuple, seed: int = 0) -> dict:
     """--tiny: the tiny random models of reconx_core.testing. Written to files and loaded through the real
     loaders when the mode needs the video model; a DUSt3R-only mode takes the tiny DUSt3R as built (writing the
     video model would import diffusers for nothing)."""
-    try:
-        from reconx_core.testing import tiny_dust3r, write_tiny_models
-    except ImportError:  # before the move to reconx_core.testing
-        from reconx_core.testing import tiny_dust3r, write_tiny_models
+    from reconx_core.testing import tiny_dust3r, write_tiny_models
     if "video" in needs:
         return write_tiny_models(tempfile.mkdtemp(prefix="reconx-eval-tiny-"), seed=seed)
     return {"dust3r_model": tiny_dust3r(seed)}
