@@ -337,7 +337,7 @@ def section_dust3r(ctx: Context) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- video
-def _time_interpolation(ctx, model, refs, steps, frames, label):
+def _time_interpolation(ctx, model, refs, steps, frames, label, **extra):
     """One `interpolate` run: total time, time per DDIM step (2 UNet passes with CFG), peak memory."""
     from reconx_core.video import interpolate
 
@@ -353,7 +353,7 @@ def _time_interpolation(ctx, model, refs, steps, frames, label):
     resident = ctx.allocated_mib()
     ctx.sync()
     t0 = time.perf_counter()
-    frames_out = interpolate(model, refs, steps=steps, frames=frames, seed=0, callback=progress)
+    frames_out = interpolate(model, refs, steps=steps, frames=frames, seed=0, callback=progress, **extra)
     ctx.sync()
     total = time.perf_counter() - t0
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
@@ -760,50 +760,84 @@ VIEWCRAFTER_MODULES = ("reconx_core.video", "reconx_core.video.viewcrafter", "re
                        "reconx_core.video.configs", "reconx_core.video.registry")
 
 
-def find_viewcrafter_config(tiny: bool = False):
-    """Where the pack defines ViewCrafter-512: a config dict (accepted by build_video_model) named with
-    'viewcrafter' and '512' (e.g. VIEWCRAFTER_512), or such a key in a dict registry, in one of
-    VIEWCRAFTER_MODULES. tiny=True looks for a 'viewcrafter' + 'tiny' one instead.
-    Returns (where, config) or (None, None)."""
+def _import_if_present(module_name):
+    """The module, or None when it (not something it imports) does not exist."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            return None
+        raise
+
+
+def find_viewcrafter(tiny: bool = False):
+    """How this version of the pack defines ViewCrafter-512, looked up by name.
+
+    1. A backbone registry (reconx_core.video.backbones: `backbone_names`, `get_backbone`, `configure_model`): a
+       registered name with 'viewcrafter' and '512'; the network is DynamiCrafter-512-interp's architecture.
+    2. Else a config dict accepted by build_video_model, named with 'viewcrafter' and '512' (e.g. VIEWCRAFTER_512),
+       or such a key in a dict registry, in one of VIEWCRAFTER_MODULES. tiny=True asks for a 'tiny' one (the CPU
+       simulation; with a backbone registry the tiny DynamiCrafter config is configured as the backbone instead).
+    Returns (where, config, backbone or None), or (None, None, None) when the pack has none.
+    """
+    backbones = _import_if_present("reconx_core.video.backbones")
+    if backbones is not None and hasattr(backbones, "backbone_names"):
+        names = [n for n in backbones.backbone_names() if "viewcrafter" in n.lower() and "512" in n]
+        if names:
+            from reconx_core.video import OFFICIAL_512_INTERP, tiny_config
+
+            return (f"reconx_core.video.backbones: {names[0]!r}", tiny_config() if tiny else OFFICIAL_512_INTERP,
+                    backbones.get_backbone(names[0]))
     want = (lambda name: "viewcrafter" in name.lower() and ("tiny" in name.lower() if tiny else "512" in name))
     for module_name in VIEWCRAFTER_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue
-            raise
+        module = _import_if_present(module_name)
+        if module is None:
+            continue
         for attr, value in vars(module).items():
             if callable(value) and want(attr) and attr.lower().endswith("config"):
                 value = value()
             if isinstance(value, dict):
                 if want(attr) and "unet" in value:
-                    return f"{module_name}.{attr}", value
+                    return f"{module_name}.{attr}", value, None
                 for key, sub in value.items():
                     if isinstance(key, str) and want(key) and isinstance(sub, dict) and "unet" in sub:
-                        return f"{module_name}.{attr}[{key!r}]", sub
-    return None, None
+                        return f"{module_name}.{attr}[{key!r}]", sub, None
+    return None, None, None
 
 
 def section_viewcrafter(ctx: Context) -> dict:
-    from reconx_core.video import build_video_model
+    import inspect
 
-    where, config = find_viewcrafter_config(tiny=not ctx.real_models)
+    from reconx_core.video import build_video_model, interpolate
+
+    where, config, backbone = find_viewcrafter(tiny=not ctx.real_models)
     if config is None:
-        kind = "ViewCrafter-512 config" if ctx.real_models else "tiny ViewCrafter config (CPU simulation)"
-        return {"status": "skipped", "reason": f"not in this version: no {kind} in "
-                                               f"{', '.join(VIEWCRAFTER_MODULES)}"}
+        kind = "ViewCrafter-512" if ctx.real_models else "tiny ViewCrafter config (CPU simulation)"
+        return {"status": "skipped", "reason": f"not in this version: no {kind} in reconx_core.video.backbones "
+                                               f"or {', '.join(VIEWCRAFTER_MODULES)}"}
     P = ctx.profile["viewcrafter"]
-    height, width = config.get("resolution", [320, 512])
-    frames = int(config.get("frames", 25))
     model = build_video_model(config, seed=0, device=ctx.device if ctx.cuda else "cpu")
+    if backbone is not None:
+        from reconx_core.video.backbones import configure_model
+
+        # the tiny model keeps its own size (a stored config with a resolution wins), the real one takes the backbone's
+        configure_model(model, backbone, stored_config=None if ctx.real_models else model.config)
+    height, width = model.config.get("resolution", [320, 512])
+    frames = int(model.config.get("frames", 25))
     model.place(ctx.device, dtype=torch.bfloat16, offload=False)
     gen = torch.Generator().manual_seed(0)
     refs = torch.rand(2, 3, height, width, generator=gen).to(ctx.device)
-    out = {"config": where, "frames": frames, "size": f"{width}x{height}", "ddim_steps": P["steps"],
-           "parameters": sum(p.numel() for p in model.parameters()), "runs": {}}
+    # empty prompt: ViewCrafter's own needs the CLIP vocabulary file (a download); the text tower costs the same
+    extra = {"prompt": ""}
+    if "renders" in inspect.signature(interpolate).parameters:
+        # random point-cloud renders along the path (S = frames for two views): the condition ViewCrafter takes
+        extra["renders"] = torch.rand(frames, 3, height, width, generator=gen).to(ctx.device)
+    out = {"found": where, "frames": frames, "size": f"{width}x{height}", "ddim_steps": P["steps"],
+           "parameters": sum(p.numel() for p in model.parameters()), "renders_given": "renders" in extra,
+           "prompt": "empty (ViewCrafter's default needs the CLIP vocabulary file)", "runs": {}}
     try:
-        out["runs"]["bfloat16_offload_off"] = _time_interpolation(ctx, model, refs, P["steps"], frames, "viewcrafter")
+        out["runs"]["bfloat16_offload_off"] = _time_interpolation(ctx, model, refs, P["steps"], frames, "viewcrafter",
+                                                                  **extra)
     except BudgetExceeded as exc:
         out["runs"]["bfloat16_offload_off"] = {"status": "skipped", "reason": str(exc)}
     del model
@@ -1065,7 +1099,7 @@ def main(argv=None) -> int:
             else "would be skipped: scripts/train_structure.py is absent in this version")
         if "viewcrafter" in report.data["sections"]:
             try:
-                where, _ = find_viewcrafter_config()
+                where, _, _ = find_viewcrafter()
                 note = f"found: {where}" if where else "would be skipped: no ViewCrafter-512 config in this version"
             except Exception as exc:
                 note = f"lookup failed: {type(exc).__name__}: {exc}"[:300]
