@@ -104,7 +104,17 @@ def list_models(name: str, kinds: Optional[set] = None, downloads: bool = True) 
         return kept
     from reconx_core.downloads import absent_choices
 
-    return kept + absent_choices(name, kinds, present)
+    # A combo box starts on its first entry: never let that be a download nobody chose.
+    return (kept or [NO_FILE]) + absent_choices(name, kinds, present)
+
+
+NO_FILE = "(no file here yet: pick a ⬇ entry to download one)"
+
+
+def _no_file_message(name: str) -> str:
+    folders = ", ".join(str(f) for f in model_folders(name))
+    return (f"no model file is chosen: put one in models/{name} ({folders}) and refresh, or pick an entry marked ⬇ "
+            "to download it")
 
 
 def is_download_choice(filename: str) -> bool:
@@ -122,6 +132,8 @@ def model_path(name: str, filename: str) -> Path:
     from reconx_core.downloads import download, parse_choice
     from reconx_core.errors import CheckpointError
 
+    if filename == NO_FILE:
+        raise CheckpointError(_no_file_message(name))
     known = parse_choice(filename)
     if known is not None:
         existing = next((p for p in (_full_path(name, f) for f in _present(name) if Path(f).name == known.name)
@@ -141,6 +153,8 @@ def model_path(name: str, filename: str) -> Path:
 def validate_choice(name: str, filename: str):
     """For a node's VALIDATE_INPUTS: True for a present file or a known download (also one chosen earlier whose
     file is present by now, which the refreshed list no longer shows), else the reason."""
+    if filename == NO_FILE:
+        return _no_file_message(name)
     if is_download_choice(filename) or _full_path(name, filename) is not None:
         return True
     return f"'{filename}' is not in models/{name}; put it there and refresh, or pick another file"

@@ -256,3 +256,14 @@ def test_choosing_a_marked_file_downloads_it_once(models, server, monkeypatch, t
     # present now and no longer marked (the random test bytes classify as a damaged header)
     assert bridge.list_models("clip_vision", {"clip_vision", "damaged"}) == [known.name]
     assert bridge.validate_choice("clip_vision", choice) is True
+
+
+def test_an_empty_folder_never_starts_on_a_download(tmp_path, monkeypatch):
+    from nodes.loader_nodes import ReconXDust3rLoader
+
+    monkeypatch.setattr(bridge, "_FALLBACK_MODELS_DIR", tmp_path)
+    choices = ReconXDust3rLoader.INPUT_TYPES()["required"]["ckpt_name"][0]
+    assert choices[0] == bridge.NO_FILE and all(c.startswith(CHOICE_MARK) for c in choices[1:])
+    assert "pick an entry marked ⬇" in ReconXDust3rLoader.VALIDATE_INPUTS(choices[0])
+    with pytest.raises(CheckpointError, match="no model file is chosen"):
+        ReconXDust3rLoader().load(choices[0], "fp32", "cpu")
