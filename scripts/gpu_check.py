@@ -1065,6 +1065,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _fold_sub_failures(record: dict) -> None:
+    """A section whose sub-runs (runs, fits, parity, stages) failed is "failed", naming them; figures stay."""
+    failed = []
+    for group in ("runs", "fits", "parity", "stages"):
+        sub = record.get(group)
+        if isinstance(sub, dict):
+            failed += [f"{group}.{k}: {v.get('reason')}" for k, v in sub.items()
+                       if isinstance(v, dict) and v.get("status") == "failed"]
+    if failed and record.get("status") != "failed":
+        record["status"] = "failed"
+        record["reason"] = "; ".join(failed)[:1500]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.estimate_memory:
@@ -1144,6 +1157,7 @@ def main(argv=None) -> int:
                 record.update(result)
                 if record["status"] == "running":
                     record["status"] = "ok"
+                _fold_sub_failures(record)
             except BudgetExceeded as exc:
                 record.update(status="skipped", reason=f"time budget: {exc}")
             except KeyboardInterrupt:
@@ -1157,6 +1171,8 @@ def main(argv=None) -> int:
                 report.save()
     except KeyboardInterrupt:
         report.data["interrupted"] = True
+        for name in sections:
+            report.data["sections"].setdefault(name, {"status": "skipped", "reason": "the run was interrupted"})
     finally:
         if ctx.gsplat_build is not None:
             report.data["machine"]["gsplat_build"].update(ctx.gsplat_build.status())

@@ -200,3 +200,12 @@ def test_time_budgets_stop_loops_and_keep_the_rates(tmp_path, gpu_check, monkeyp
     assert align["status"] == "ok" and "stopped by the time budget" in align["reason"] and align["steps_done"] >= 1
     runs = sections["video"]["runs"]
     assert all(r["status"] == "skipped" and "budget" in r["reason"] for r in runs.values())
+
+
+def test_a_failed_sub_run_marks_its_section_failed(gpu_check):
+    record = {"status": "ok", "runs": {"a": {"status": "ok"}, "b": {"status": "failed", "reason": "boom"}}}
+    gpu_check._fold_sub_failures(record)
+    assert record["status"] == "failed" and "runs.b: boom" in record["reason"]
+    record = {"status": "ok", "runs": {"a": {"status": "ok"}, "b": {"status": "skipped", "reason": "budget"}}}
+    gpu_check._fold_sub_failures(record)
+    assert record["status"] == "ok"
