@@ -217,6 +217,13 @@ def test_missing_model_file(models):
         dust3r("absent.pth")
 
 
+def test_template_without_its_model_files_is_reported_when_queued(models):
+    """The loaders' VALIDATE_INPUTS name a missing file when the prompt is queued (the loaders' owner's code)."""
+    message = ReconXDust3rLoader.VALIDATE_INPUTS(ckpt_name="DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth")
+    assert "'DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth' is not in models/dust3r; put it there" in message
+    assert ReconXDust3rLoader.VALIDATE_INPUTS(ckpt_name=TINY_DUST3R) is True
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_truncated_checkpoint(models, suffix):
     state = load_file(str(models / "dust3r" / TINY_DUST3R))
@@ -445,3 +452,16 @@ def test_frontend_rule_reproduces_the_reported_snapping():
     assert [frontend_int(v, old) for v in (1000, 30, 2000)] == [1001, 51, 2001]
     steps = ReconXFitGaussians.INPUT_TYPES()["required"]["steps"][1]
     assert [frontend_int(v, steps) for v in (1000, 30, 2000)] == [1000, 30, 2000]
+
+
+def test_every_row_of_the_readme_table_names_a_test_here():
+    """The README's bad-input table (Troubleshooting) lists the test behind each row; each must exist here."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Troubleshooting"):readme.index("## Development")]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| input")]
+    assert len(rows) >= 19
+    for row in rows:
+        names = re.findall(r"`(test_\w+)`", row.rsplit("|", 2)[-2])
+        assert names, f"no test named in: {row[:80]}"
+        for name in names:
+            assert callable(globals().get(name)), f"{name} (README) is not a test in {Path(__file__).name}"
