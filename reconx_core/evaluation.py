@@ -148,16 +148,25 @@ def refine_target_poses(gaussians: Gaussians, cameras: Cameras, targets: torch.T
     translation_scale: world length of one unit of v (the context baseline keeps lr scale-free).
     Returns Cameras with the refined poses (intrinsics unchanged).
     """
-    from .gaussians import refine_cameras, render, ssim_map
-
     if steps <= 0:
         return cameras
     N = len(cameras)
     if targets.shape != (N, 3, cameras.height, cameras.width):
         raise InputError(f"targets must be ({N}, 3, {cameras.height}, {cameras.width}), got {tuple(targets.shape)}")
-    frozen = gaussians.detach()
-    device = frozen.device
-    cameras, targets = cameras.to(device), targets.to(device)
+    with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode: work on ordinary copies
+        frozen = Gaussians(*(t.detach().clone() for t in (gaussians.means, gaussians.quats, gaussians.log_scales,
+                                                          gaussians.opacity_logits, gaussians.sh)))
+        device = frozen.device
+        cameras = Cameras(cameras.cam_to_world.detach().clone().to(device),
+                          cameras.intrinsics.detach().clone().to(device), cameras.width, cameras.height)
+        targets = targets.detach().clone().to(device)
+        return _refine(frozen, cameras, targets, steps, lr, weights, translation_scale, backend)
+
+
+def _refine(frozen, cameras, targets, steps, lr, weights, translation_scale, backend) -> Cameras:
+    from .gaussians import refine_cameras, render, ssim_map
+
+    N, device = len(cameras), frozen.device
     deltas = torch.zeros(N, 6, device=device, requires_grad=True)
     opt = torch.optim.Adam([deltas], lr=lr)
     scale = torch.tensor([1.0, 1.0, 1.0, translation_scale, translation_scale, translation_scale], device=device)
@@ -332,29 +341,38 @@ def score_heldout_views(gaussians: Gaussians, context_cameras: Cameras, aligned_
 
 # --------------------------------------------------------------------------------------------- pictures
 
-def side_by_side(scene: EvalScene, result: SceneResult, gap: int = 4) -> torch.Tensor:
-    """A (3, H', W') sheet in [0, 1]: first row the context views; then one row per target with the ground
-    truth, our render (and the render after pose refinement) and the absolute error x4."""
-    H, W = scene.target_images.shape[-2:]
+def comparison_sheet(truths: torch.Tensor, result: SceneResult, top_row: Optional[torch.Tensor] = None,
+                     gap: int = 4) -> torch.Tensor:
+    """A (3, H', W') sheet in [0, 1]: one row per target with the truth (M, 3, H, W), our render (and the render
+    after pose refinement) and the absolute error x4; `top_row` (K, 3, H, W) images above them, if given."""
+    H, W = truths.shape[-2:]
     cols = 4 if result.refined_renders is not None else 3
-    rows = 1 + len(result.target_index)
+    first = 0 if top_row is None else 1
+    rows = first + len(result.target_index)
     sheet = torch.ones(3, rows * H + (rows - 1) * gap, cols * W + (cols - 1) * gap)
 
     def put(r, c, image):
         sheet[:, r * (H + gap):r * (H + gap) + H, c * (W + gap):c * (W + gap) + W] = image.clamp(0, 1)
 
-    for c, image in enumerate(scene.context_images.cpu()[:cols]):
-        put(0, c, image)
+    if top_row is not None:
+        for c, image in enumerate(top_row.cpu()[:cols]):
+            put(0, c, image)
     for r in range(len(result.target_index)):
-        gt, ours = scene.target_images[r].cpu(), result.renders[r]
-        put(r + 1, 0, gt)
-        put(r + 1, 1, ours)
+        gt, ours = truths[r].cpu(), result.renders[r].cpu()
+        put(first + r, 0, gt)
+        put(first + r, 1, ours)
         last = ours
         if result.refined_renders is not None:
-            put(r + 1, 2, result.refined_renders[r])
-            last = result.refined_renders[r]
-        put(r + 1, cols - 1, ((last - gt).abs() * 4).mean(0, keepdim=True).expand(3, -1, -1))
+            last = result.refined_renders[r].cpu()
+            put(first + r, 2, last)
+        put(first + r, cols - 1, ((last - gt).abs() * 4).mean(0, keepdim=True).expand(3, -1, -1))
     return sheet
+
+
+def side_by_side(scene: EvalScene, result: SceneResult, gap: int = 4) -> torch.Tensor:
+    """A (3, H', W') sheet in [0, 1]: first row the context views; then one row per target with the ground
+    truth, our render (and the render after pose refinement) and the absolute error x4."""
+    return comparison_sheet(scene.target_images, result, top_row=scene.context_images, gap=gap)
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
