@@ -127,6 +127,36 @@ def full_pipeline(n_photos: int):
     return nodes, links
 
 
+HELD_OUT_NOTE = (
+    "ReconX, held-out evaluation: how good is the reconstruction on a photo it never saw?\n\n"
+    "1. Photos 1 and 2 make the reconstruction (DUSt3R -> 3D Gaussians); Photo 3 is held out: it goes only to "
+    "'ReconX Evaluate Held-out Photos'. Use three photos of the same size and orientation.\n"
+    f"2. {MODELS_LINE}\n"
+    "3. The evaluation aligns all three photos with DUSt3R, carries Photo 3's camera into the reconstruction "
+    "through Photos 1 and 2, renders the Gaussians there and reports PSNR, SSIM and LPIPS (as MVSplat computes "
+    "them) in 'Preview as Text', with truth | render | error in the image preview. LPIPS (vgg) needs "
+    "vgg16-397923af.pth in models/reconx, checked when you queue; set lpips to off to skip it.")
+
+
+def held_out_evaluation():
+    """Photos 1-2 -> DUSt3R -> 3DGS; Photo 3 held out -> ReconX Evaluate Held-out Photos -> text + comparison."""
+    nodes, links = photo_nodes(2)
+    nodes += [
+        {"id": 3, "type": "LoadImage", "pos": [0, 760], "size": [300, 320], "title": "Photo 3 (held out)",
+         "widgets": {"image": "example.png"}},
+        {"id": 4, "type": "ReconXDust3rLoader", "pos": [340, 480], "size": [320, 110], "widgets": {"ckpt_name": DUST3R}},
+        {"id": 5, "type": "ReconXDust3rAlign", "pos": [700, 120], "size": [340, 420]},
+        {"id": 8, "type": "ReconXFitGaussians", "pos": [1080, 120], "size": [340, 320]},
+        {"id": 9, "type": "ReconXEvaluateHeldOut", "pos": [1460, 120], "size": [340, 220]},
+        {"id": 10, "type": "PreviewAny", "pos": [1840, -200], "size": [420, 280], "title": "Held-out metrics"},
+        {"id": 11, "type": "PreviewImage", "pos": [1840, 120], "size": [420, 380], "title": "Truth | render | error"},
+        {"id": 12, "type": "Note", "pos": [0, -420], "size": [660, 380], "text": HELD_OUT_NOTE},
+    ]
+    links += [(4, 0, 5, "dust3r"), (5, 0, 8, "scene"), (8, 0, 9, "splat"), (5, 0, 9, "scene"), (4, 0, 9, "dust3r"),
+              (3, 0, 9, "held_out"), (9, 0, 10, "source"), (9, 1, 11, "images")]
+    return nodes, links
+
+
 WORKFLOWS = {"reconx_geometry_only": geometry_only,
              "reconx_two_views": lambda: full_pipeline(2),
              "reconx_multi_view": lambda: full_pipeline(3)}
@@ -137,6 +167,10 @@ WORKFLOWS = {"reconx_geometry_only": geometry_only,
 VIEWS = {"reconx_geometry_only": {"scale": 0.6, "offset": [33, 453]},
          "reconx_two_views": {"scale": 0.45, "offset": [44, 464]},
          "reconx_multi_view": {"scale": 0.45, "offset": [44, 464]}}
+
+
+WORKFLOWS["reconx_evaluate_held_out"] = held_out_evaluation
+VIEWS["reconx_evaluate_held_out"] = {"scale": 0.6, "offset": [33, 453]}
 
 
 def build_all() -> dict:
