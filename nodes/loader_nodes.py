@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from reconx_core.video.backbones import backbone_names
+
 from . import comfy_bridge as bridge
 
 log = logging.getLogger("reconx")
@@ -105,6 +107,13 @@ class ReconXVideoModelLoader:
                 "tooltip": "A loaded CLIP Vision model (Load CLIP Vision with CLIP-ViT-H-14-laion2B-s32B-b79K) to "
                            "reuse instead of reading a file; its weights are converted, the preprocessing stays "
                            "DynamiCrafter's."}),
+            "backbone": ([AUTO] + backbone_names(), {
+                "default": AUTO,
+                "tooltip": "What the checkpoint is: DynamiCrafter-512-interp, or a ViewCrafter (25_512: 320x512; "
+                           "25_1024: ViewCrafter_25 and _25_sparse, 576x1024; 16_1024: ViewCrafter_16). Their "
+                           "tensors look the same, so auto reads the file name (e.g. viewcrafter_25_512.ckpt, "
+                           "model_sparse.ckpt; a name without either word counts as DynamiCrafter) and a choice "
+                           "that contradicts the name is refused."}),
         }}
 
     @classmethod
@@ -119,8 +128,9 @@ class ReconXVideoModelLoader:
         return next((c for c in checks if c is not True), True)
 
     def load(self, ckpt_name, structure_name=NO_BRANCH, precision="auto", device="auto", staged_offload=True,
-             clip_vision_name=AUTO, text_encoder_name=AUTO, clip_vision=None):
-        from reconx_core.video import load_video_model
+             clip_vision_name=AUTO, text_encoder_name=AUTO, clip_vision=None, backbone=AUTO):
+        from reconx_core.errors import CheckpointError
+        from reconx_core.video import load_backbone, load_video_model
         from reconx_core.video.comfy_layouts import EMPTY_PROMPT_FILE
         from reconx_core.video.tokenizer import ClipTokenizer
 
@@ -138,6 +148,10 @@ class ReconXVideoModelLoader:
                                  keep_text_encoder=text_encoder_name != NO_TEXT).eval()
         # The CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) may sit beside the weights.
         model.tokenizer = ClipTokenizer(search_dirs=[str(p) for p in bridge.model_folders("reconx")])
+        try:  # which video model this is (the file name and its metadata decide; see reconx_core.video.backbones)
+            load_backbone(model, path, backbone)
+        except CheckpointError as error:
+            raise CheckpointError(f"ReconX Video Model Loader: {error}") from None
         return (bridge.ManagedModel(model, dev, dtype, name=ckpt_name, staged_offload=staged_offload),)
 
 

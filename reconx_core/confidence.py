@@ -293,7 +293,10 @@ def map_confidence(model, views: Views, *, window: int = 3, reference_links: str
     when the reference cameras share one centre.
     callback(step, total): DUSt3R batches, then alignment steps, then one per frame.
     Returns a new Views on views.device: cameras (S) of size (W, H), conf (S, H, W) in [0, 1], pts3d (S, H, W, 3)
-    world frame; info adds "confidence" (network size, edges count, similarity, reference residuals, align loss).
+    world frame; info adds "confidence" (network size, edges count, similarity, reference residuals, align loss,
+    and, when views.intended_cameras is set, `intended_deviation`'s per-frame rotation (degrees) and centre distance
+    (relative to the reference baseline) between the recovered and the intended cameras). The intended cameras are
+    reported against, not used to initialise: the alignment starts from DUSt3R's own spanning tree.
     """
     from .dust3r import infer_pairs
 
@@ -334,10 +337,34 @@ def map_confidence(model, views: Views, *, window: int = 3, reference_links: str
                  "similarity": scene.info["similarity"], "align_loss": scene.info["align_loss"],
                  "reference_rot_err_deg": scene.info["reference_rot_err_deg"],
                  "reference_centre_err": scene.info["reference_centre_err"]}
+    if views.intended_cameras is not None:
+        info_conf.update(intended_deviation(c2w, views.intended_cameras.cam_to_world.to(c2w.device),
+                                            views.reference_cameras.cam_to_world.to(c2w.device)))
+        log.info("recovered cameras vs the intended path: rotation up to %.1f deg (median %.1f), centres up to "
+                 "%.0f %% of the reference baseline (median %.0f %%)", float(info_conf["intended_rot_deg"].max()),
+                 float(info_conf["intended_rot_deg"].median()), 100 * float(info_conf["intended_centre_err"].max()),
+                 100 * float(info_conf["intended_centre_err"].median()))
     out_dev = views.device
     return dataclasses.replace(
         views, cameras=Cameras(c2w, K, W, H).to(out_dev), conf=conf.to(out_dev), pts3d=pts3d.to(out_dev),
         info=dict(views.info, confidence=_move_info(info_conf, out_dev)))
+
+
+def intended_deviation(recovered_c2w: torch.Tensor, intended_c2w: torch.Tensor,
+                       reference_c2w: torch.Tensor) -> dict:
+    """How far the recovered cameras moved from the path the frames were generated for.
+
+    recovered_c2w, intended_c2w: (S, 4, 4) camera-to-world poses of the frames, both in the first stage's frame;
+    reference_c2w: (K, 4, 4) the reference views' poses. Returns {"intended_rot_deg": (S,) geodesic angle between
+    each recovered and intended rotation, "intended_centre_err": (S,) distance between their centres divided by the
+    reference baseline (the mean distance between consecutive reference centres; 1 when they coincide)}.
+    """
+    rel = intended_c2w[:, :3, :3].double().transpose(1, 2) @ recovered_c2w[:, :3, :3].double()
+    rot = torch.rad2deg(roma.rotmat_to_rotvec(rel).norm(dim=-1)).float()
+    centres = reference_c2w[:, :3, 3].double()
+    baseline = float((centres[1:] - centres[:-1]).norm(dim=-1).mean()) if centres.shape[0] > 1 else 0.0
+    dist = (recovered_c2w[:, :3, 3].double() - intended_c2w[:, :3, 3].double()).norm(dim=-1)
+    return {"intended_rot_deg": rot, "intended_centre_err": (dist / (baseline if baseline > 1e-12 else 1.0)).float()}
 
 
 def _move_info(info: dict, device) -> dict:

@@ -100,6 +100,9 @@ def _render_view(points: torch.Tensor, colours: torch.Tensor, world_to_cam: torc
     idx = keep.nonzero().squeeze(1)
     idx = idx[torch.argsort(z[idx], stable=True)]  # front to back: a point's rank orders it in z
     u, v, z, col = u[idx], v[idx], z[idx], colours[idx]
+    if idx.numel() == 0:
+        zeros = torch.zeros(height, width, device=device)
+        return torch.zeros(height, width, 3, device=device), zeros, zeros.clone()
     pad = math.ceil(2 * radius) + 1  # points lie within radius of the image, their fragments within 2 radius
     pw, ph = width + 2 * pad, height + 2 * pad
     hw = pw * ph
@@ -126,9 +129,6 @@ def _render_view(points: torch.Tensor, colours: torch.Tensor, world_to_cam: torc
     weights = alpha * before                                                  # (P, HW), 0 on empty slots
     crop = lambda t: t.reshape(*t.shape[:-1], ph, pw)[..., pad:pad + height, pad:pad + width]  # noqa: E731
     weights, slot = crop(weights), crop(slot)
-    if col.shape[0] == 0:
-        zeros = torch.zeros(height, width, device=device)
-        return torch.zeros(height, width, 3, device=device), zeros, zeros
     rgb = torch.einsum("phw,phwc->hwc", weights, col[slot])
     coverage = 1.0 - torch.prod(1.0 - crop(alpha), dim=0)
     depth = torch.where(weights[0] > 0, z[slot[0]], torch.zeros_like(weights[0]))

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 TINY_DUST3R = "tiny_224_dpt_random.safetensors"
 TINY_VIDEO = "tiny_dynamicrafter_random.safetensors"
 TINY_BRANCH = "tiny_structure_branch_random.safetensors"
+TINY_VIEWCRAFTER = "tiny_viewcrafter_random.safetensors"
 
 
 def tiny_dust3r(seed: int = 0):
@@ -45,8 +46,10 @@ def tiny_dust3r(seed: int = 0):
 def write_tiny_models(models_dir: Union[str, Path], seed: int = 0) -> dict:
     """Write the tiny models into `models_dir`/dust3r and `models_dir`/reconx (the pack's model folders).
 
-    Returns {"dust3r": path, "video": path, "structure_branch": path}. The structure branch gets non-zero gates
-    (alpha_struct = 0.5) so that structure guidance is exercised.
+    Returns {"dust3r": path, "video": path, "structure_branch": path, "viewcrafter": path}. The structure branch
+    gets non-zero gates (alpha_struct = 0.5) so that structure guidance is exercised. The tiny ViewCrafter is the
+    tiny DynamiCrafter's architecture with other random weights, saved as backbone viewcrafter_25_512 with
+    ViewCrafter's fs 10 and 4-frame segments (its config in the metadata; a real ViewCrafter has 25).
     """
     from ..video import build_video_model, save_structure_branch, save_video_model, tiny_config
 
@@ -54,7 +57,7 @@ def write_tiny_models(models_dir: Union[str, Path], seed: int = 0) -> dict:
     (root / "dust3r").mkdir(parents=True, exist_ok=True)
     (root / "reconx").mkdir(parents=True, exist_ok=True)
     paths = {"dust3r": root / "dust3r" / TINY_DUST3R, "video": root / "reconx" / TINY_VIDEO,
-             "structure_branch": root / "reconx" / TINY_BRANCH}
+             "structure_branch": root / "reconx" / TINY_BRANCH, "viewcrafter": root / "reconx" / TINY_VIEWCRAFTER}
     dust3r = tiny_dust3r(seed)
     # The DPT head registers each scratch conv under two names; files keep one (the loader accepts either).
     state = {k: v.contiguous() for k, v in dust3r.state_dict().items() if ".scratch.layer_rn." not in k}
@@ -66,4 +69,8 @@ def write_tiny_models(models_dir: Union[str, Path], seed: int = 0) -> dict:
                 param.fill_(0.5)
     save_video_model(video, paths["video"])
     save_structure_branch(video, paths["structure_branch"])
+    config = tiny_config()
+    config["unet"]["default_fs"] = 10
+    config.update(backbone="viewcrafter_25_512", frames=4, frame_stride=10)
+    save_video_model(build_video_model(config, seed=seed + 1), paths["viewcrafter"])
     return paths

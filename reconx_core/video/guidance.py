@@ -113,4 +113,5 @@ class RenderFusion:
     def __call__(self, x0: torch.Tensor, step: int, total: int) -> Optional[torch.Tensor]:
         if step >= self.stop_step:
             return None
-        return x0 + self.weight.to(x0) * (self.latents.to(x0) - x0)
+        # lerp is exact at both ends: weight 1 gives the render latent, weight 0 the model's x0, bit for bit
+        return torch.lerp(x0, self.latents.to(x0).expand_as(x0), self.weight.to(x0).expand_as(x0))

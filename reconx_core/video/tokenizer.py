@@ -29,6 +29,9 @@ VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 CONTEXT_LENGTH = 77
 SOT, EOT = 49406, 49407
 NUM_MERGES = 49152 - 256 - 2
+# Fixed prompts of the backbones, tokenised once with the real vocabulary (open_clip 2.22, ViewCrafter's recorded
+# run: tests/data/viewcrafter_tiny_io.safetensors), so that they work without the vocabulary file.
+KNOWN_PROMPTS = {"rotating view of a scene": (32265, 1093, 539, 320, 3562)}
 _PATTERN = regex.compile(r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
                          regex.IGNORECASE)
 
@@ -108,6 +111,8 @@ class ClipTokenizer:
         text = " ".join(html.unescape(html.unescape(text)).split()).strip().lower()
         if not text:
             return []
+        if self._encoder is None and text in KNOWN_PROMPTS:
+            return list(KNOWN_PROMPTS[text])
         if self._encoder is None:
             self._load()
         alphabet = _byte_alphabet()
