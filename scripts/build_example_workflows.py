@@ -173,6 +173,81 @@ WORKFLOWS["reconx_evaluate_held_out"] = held_out_evaluation
 VIEWS["reconx_evaluate_held_out"] = {"scale": 0.6, "offset": [33, 453]}
 
 
+# ----------------------------------------------------------------------------------------------- structure guidance
+# Two templates where the video model sees the scene's structure today: ViewCrafter conditioned on point-cloud
+# renders, and DynamiCrafter-512-interp pulled towards them (render guidance).
+VIEWCRAFTER = "viewcrafter_25_512.ckpt"
+RENDERS_LINE = ("'ReconX Render Point Cloud' renders DUSt3R's points along the camera path between the photos "
+                "(size, frames and path follow the video model); the renders video is saved as "
+                "output/reconx/renders_*.webp, so you see what guides the video model. Its IMAGE and MASK outputs "
+                "can feed any other video node too.")
+VIEWCRAFTER_NOTE = (
+    "ReconX with ViewCrafter: photos -> DUSt3R -> point-cloud renders -> ViewCrafter -> confidence -> 3D Gaussians\n\n"
+    f"1. {PHOTOS_LINE}\n"
+    f"2. {MODELS_LINE} models/reconx/{VIEWCRAFTER} (ViewCrafter_25_512's model.ckpt from Hugging Face "
+    "Drexubery/ViewCrafter_25_512, renamed so that the name says what it is; Apache-2.0) must exist too. For "
+    "ViewCrafter_25 / _25_sparse / _16 (576x1024) name the file accordingly or pick the backbone in the loader.\n"
+    f"3. {RENDERS_LINE}\n"
+    "4. ViewCrafter takes the renders, with the photos at both ends, as its condition: frames, frame stride and "
+    "prompt at 0 / empty use its own (25 frames, fs 10, 'Rotating view of a scene').\n"
+    f"5. {LPIPS_LINE}")
+RENDER_GUIDED_NOTE = (
+    "ReconX, render-guided DynamiCrafter: photos -> DUSt3R -> point-cloud renders -> DynamiCrafter-512-interp "
+    "pulled towards the renders -> confidence -> 3D Gaussians\n\n"
+    f"1. {PHOTOS_LINE}\n"
+    f"2. {MODELS_LINE} models/reconx/{DYNAMICRAFTER} (DynamiCrafter_512_Interp's model.ckpt, renamed) must exist "
+    "too.\n"
+    f"3. {RENDERS_LINE}\n"
+    "4. guidance 'x0 fusion': for the first 60 % of the steps (guide_until) the model's predicted frames are "
+    "replaced by the renders where the renders cover them; the model fills the holes and finishes the details. "
+    "Lower guidance_strength to trust the renders less; 'render init' starts from the noised renders instead.\n"
+    f"5. {LPIPS_LINE}")
+
+
+def structure_guided(checkpoint: str, backbone: str, guidance: str, note: str):
+    """Photos -> DUSt3R -> point-cloud renders along the path -> video model (conditioned on or guided by the
+    renders) -> confidence mapping -> 3DGS -> fly-through."""
+    nodes, links = photo_nodes(2)
+    nodes += [
+        {"id": 4, "type": "ReconXDust3rLoader", "pos": [340, 480], "size": [320, 110], "widgets": {"ckpt_name": DUST3R}},
+        {"id": 5, "type": "ReconXDust3rAlign", "pos": [700, 120], "size": [340, 420]},
+        {"id": 6, "type": "PreviewPointCloud", "pos": [700, -420], "size": [400, 400]},
+        {"id": 7, "type": "ReconXVideoModelLoader", "pos": [700, 580], "size": [340, 260],
+         "widgets": {"ckpt_name": checkpoint, "backbone": backbone}},
+        {"id": 8, "type": "ReconXRenderPointCloud", "pos": [1080, 300], "size": [320, 240]},
+        {"id": 9, "type": "SaveAnimatedWEBP", "pos": [1080, -420], "size": [340, 380], "title": "Point-cloud renders",
+         "widgets": {"filename_prefix": "reconx/renders", "fps": 8.0}},
+        {"id": 10, "type": "ReconXInterpolate", "pos": [1440, 120], "size": [340, 480],
+         "widgets": {"guidance": guidance}},
+        {"id": 11, "type": "SaveAnimatedWEBP", "pos": [1820, -420], "size": [360, 380],
+         "widgets": {"filename_prefix": "reconx/interpolated", "fps": 8.0}},
+        {"id": 12, "type": "ReconXConfidence", "pos": [1820, 120], "size": [320, 170]},
+        {"id": 13, "type": "MaskToImage", "pos": [2180, 120], "size": [220, 60]},
+        {"id": 14, "type": "PreviewImage", "pos": [2180, -420], "size": [320, 380], "title": "Confidence"},
+        {"id": 15, "type": "ReconXFitGaussians", "pos": [2180, 300], "size": [340, 340]},
+        {"id": 16, "type": "PreviewGaussianSplat", "pos": [2560, -420], "size": [400, 400]},
+        {"id": 17, "type": "ReconXRenderGaussians", "pos": [2560, 120], "size": [320, 200]},
+        {"id": 18, "type": "SaveAnimatedWEBP", "pos": [2920, 120], "size": [360, 380],
+         "widgets": {"filename_prefix": "reconx/flythrough", "fps": 12.0}},
+        {"id": 19, "type": "Note", "pos": [0, -420], "size": [660, 380], "text": note},
+    ]
+    links += [(4, 0, 5, "dust3r"), (5, 3, 6, "model_3d"),
+              (5, 0, 8, "scene"), (7, 0, 8, "video_model"), (8, 0, 9, "images"),
+              (7, 0, 10, "video_model"), (5, 0, 10, "scene"), (8, 2, 10, "renders"),
+              (10, 0, 11, "images"), (10, 1, 12, "views"), (4, 0, 12, "dust3r"),
+              (12, 1, 13, "mask"), (13, 0, 14, "images"),
+              (5, 0, 15, "scene"), (12, 0, 15, "views"), (15, 1, 16, "model_3d"),
+              (15, 0, 17, "splat"), (5, 0, 17, "scene"), (17, 0, 18, "images")]
+    return nodes, links
+
+
+WORKFLOWS["reconx_viewcrafter"] = lambda: structure_guided(VIEWCRAFTER, "viewcrafter_25_512", "none",
+                                                           VIEWCRAFTER_NOTE)
+WORKFLOWS["reconx_render_guided"] = lambda: structure_guided(DYNAMICRAFTER, "auto", "x0 fusion", RENDER_GUIDED_NOTE)
+VIEWS["reconx_viewcrafter"] = {"scale": 0.45, "offset": [44, 464]}
+VIEWS["reconx_render_guided"] = {"scale": 0.45, "offset": [44, 464]}
+
+
 def build_all() -> dict:
     specs = node_specs()
     workflows = {name: build_ui(*make(), specs) for name, make in WORKFLOWS.items()}

@@ -81,7 +81,9 @@ def small_run_overrides(class_type: str, inputs: dict, names: dict) -> dict:
     elif class_type == "ReconXDust3rLoader":
         inputs["ckpt_name"] = names["dust3r"]
     elif class_type == "ReconXVideoModelLoader":
-        inputs["ckpt_name"] = names["video"]
+        # a ViewCrafter template (its file name or backbone says so) gets the tiny ViewCrafter
+        viewcrafter = "viewcrafter" in f"{inputs.get('ckpt_name', '')} {inputs.get('backbone', '')}".lower()
+        inputs["ckpt_name"] = names["viewcrafter" if viewcrafter else "video"]
         if inputs.get("structure_name", "none") != "none":
             inputs["structure_name"] = names["structure_branch"]
     elif class_type == "ReconXDust3rAlign":
