@@ -19,6 +19,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL_FILES = ("run_with_pack.sh", "run_workflow.py")
@@ -174,10 +175,12 @@ class ComfyServer:
         with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{path}", timeout=30) as response:
             return json.loads(response.read())
 
-    def run_example(self, name: str, timeout: int = 900, structure: bool = False) -> dict:
+    def run_example(self, name: str, timeout: int = 900, structure: bool = False,
+                    overrides: Optional[dict] = None) -> dict:
         """Run example_workflows/NAME.json (made small); returns {"rc", "history", "log"}.
 
         structure: un-bypass ReconX Encode Point Cloud and load the tiny structure branch (structure guidance).
+        overrides: {class_type: {input: value}} set after the small-run settings (e.g. another guidance mode).
         """
         workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
         if structure:
@@ -192,7 +195,8 @@ class ComfyServer:
         for node_id in sorted(prompt, key=int):
             node = prompt[node_id]
             node["inputs"] = small_run_overrides(node["class_type"], node["inputs"], names)
-        name = name + ("_structure" if structure else "")
+            node["inputs"].update((overrides or {}).get(node["class_type"], {}))
+        name = name + ("_structure" if structure else "") + ("_overrides" if overrides else "")
         api_file = self.work / f"{name}.api.json"
         api_file.write_text(json.dumps(prompt, indent=1))
         history_file = self.work / f"{name}.history.json"

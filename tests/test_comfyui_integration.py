@@ -98,3 +98,20 @@ def test_structure_guided_pipeline_runs(server):
     result = server.run_example("reconx_two_views", structure=True)
     assert result["rc"] == 0, result["log"][-4000:]
     assert "executing node 8" in result["log"]  # ReconX Encode Point Cloud ran
+
+
+@needs_comfyui
+def test_render_init_guidance_runs(server):
+    """The render-guided template with sampling started from the noised renders and fused (issue 10's third mode)."""
+    result = server.run_example("reconx_render_guided",
+                                overrides={"ReconXInterpolate": {"guidance": "render init + x0 fusion"}})
+    assert result["rc"] == 0, result["log"][-4000:]
+
+
+@needs_comfyui
+def test_wrong_backbone_for_a_checkpoint_is_a_clear_error(server):
+    """The tiny ViewCrafter file (saved as viewcrafter_25_512) run as DynamiCrafter: the loader refuses by name."""
+    result = server.run_example("reconx_viewcrafter",
+                                overrides={"ReconXVideoModelLoader": {"backbone": "dynamicrafter_512_interp"}})
+    assert result["rc"] == 1
+    assert "ReconX Video Model Loader" in result["log"] and "saved as a ViewCrafter_25_512 model" in result["log"]
