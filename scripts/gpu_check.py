@@ -827,14 +827,19 @@ def section_viewcrafter(ctx: Context) -> dict:
     model.place(ctx.device, dtype=torch.bfloat16, offload=False)
     gen = torch.Generator().manual_seed(0)
     refs = torch.rand(2, 3, height, width, generator=gen).to(ctx.device)
-    # empty prompt: ViewCrafter's own needs the CLIP vocabulary file (a download); the text tower costs the same
-    extra = {"prompt": ""}
+    # the backbone's own prompt when the tokenizer has it without the CLIP vocabulary file (a download), else an
+    # empty one: the text tower costs the same either way
+    try:
+        model.tokenizer([getattr(backbone, "prompt", "") or ""])          # what needs the vocabulary
+        extra, prompt_note = {}, "the backbone's default"
+    except Exception as exc:
+        extra, prompt_note = {"prompt": ""}, f"empty (the default needs the CLIP vocabulary: {type(exc).__name__})"
     if "renders" in inspect.signature(interpolate).parameters:
         # random point-cloud renders along the path (S = frames for two views): the condition ViewCrafter takes
         extra["renders"] = torch.rand(frames, 3, height, width, generator=gen).to(ctx.device)
     out = {"found": where, "frames": frames, "size": f"{width}x{height}", "ddim_steps": P["steps"],
            "parameters": sum(p.numel() for p in model.parameters()), "renders_given": "renders" in extra,
-           "prompt": "empty (ViewCrafter's default needs the CLIP vocabulary file)", "runs": {}}
+           "prompt": prompt_note, "runs": {}}
     try:
         out["runs"]["bfloat16_offload_off"] = _time_interpolation(ctx, model, refs, P["steps"], frames, "viewcrafter",
                                                                   **extra)
