@@ -107,7 +107,8 @@ def test_loader_reads_the_backbone_and_refuses_a_wrong_one(use_models):
     assert dc.module.config["backbone"] == "dynamicrafter_512_interp"
     assert vc.module.config["backbone"] == "viewcrafter_25_512" and vc.module.config["frames"] == 4
     with pytest.raises(CheckpointError, match="ReconX Video Model Loader: .*saved as a ViewCrafter_25_512"):
-        ReconXVideoModelLoader().load(TINY_VIEWCRAFTER, "none", "fp32", "cpu", True, backbone="dynamicrafter_512_interp")
+        ReconXVideoModelLoader().load(TINY_VIEWCRAFTER, "none", "fp32", "cpu", True,
+                                      backbone="dynamicrafter_512_interp")
 
 
 def run_graph(ckpt, scene, **interp):

@@ -79,8 +79,8 @@ def test_compositing_follows_viewcrafters_rule(radius, per_pixel):
     W, H = 12, 9
     # 150 points in front of the camera, clustered so that pixels have more candidates than per_pixel, plus a few
     # behind it that must not show
-    points = torch.cat([torch.rand(150, 3, generator=g) * torch.tensor([0.6, 0.45, 2.0]) + torch.tensor([-0.3, -0.2, 1.0]),
-                        torch.tensor([[0.0, 0.0, -1.0], [0.1, 0.0, -0.5]])])
+    box = torch.rand(150, 3, generator=g) * torch.tensor([0.6, 0.45, 2.0]) + torch.tensor([-0.3, -0.2, 1.0])
+    points = torch.cat([box, torch.tensor([[0.0, 0.0, -1.0], [0.1, 0.0, -0.5]])])
     colours = torch.rand(points.shape[0], 3, generator=g)
     K = torch.tensor([[10.0, 0, 6.0], [0, 10.0, 4.5], [0, 0, 1]])
     cams = Cameras(torch.eye(4)[None], K[None], W, H)

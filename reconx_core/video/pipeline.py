@@ -183,7 +183,8 @@ def interpolate(model: VideoModel, images: torch.Tensor, structure: Optional[tor
 
 
 def interpolate_views(model: VideoModel, scene: Scene, structure: Optional[torch.Tensor] = None,
-                      frames: Optional[int] = None, seed: int = 0, callback: Optional[Callable[[int, int], None]] = None,
+                      frames: Optional[int] = None, seed: int = 0,
+                      callback: Optional[Callable[[int, int], None]] = None,
                       renders: Optional[PathRenders] = None, guidance: Optional[GuidanceSettings] = None,
                       path: Optional[str] = None, render_radius: Optional[float] = None, **sampling) -> Views:
     """ReconX stage 3 on a scene: its views, centre-cropped and resized to the model's resolution, in their order,
