@@ -1,7 +1,7 @@
 """Our tiled, differentiable Gaussian rasterizer in plain PyTorch (any device, no compile step).
 
 Compositing follows gsplat's kernels: for each pixel, Gaussians front to back by camera depth,
-alpha = min(0.99, opacity * exp(-sigma)) with sigma = 0.5 (a dx^2 + c dy^2) + b dx dy, a Gaussian is skipped
+alpha = min(0.999, opacity * exp(-sigma)) with sigma = 0.5 (a dx^2 + c dy^2) + b dx dy, a Gaussian is skipped
 when sigma < 0 or alpha < 1/255, and the pixel stops (exclusively: the Gaussian that would bring the
 transmittance to <= 1e-4 is not blended) as in gsplat.
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .project import ALPHA_THRESHOLD
 
-MAX_ALPHA = 0.99
+MAX_ALPHA = 0.999  # gsplat 1.5.3 (RasterizeToPixels3DGSFwd.cu: min(0.999f, ...)); Inria 3DGS uses 0.99
 TRANSMITTANCE_THRESHOLD = 1e-4
 LOG2E = 1.0 / math.log(2.0)
 # Exponents (log2 alpha) below this are thresholded away anyway (2^-30 << 1/255); clamping them keeps exp2 on its
