@@ -227,6 +227,9 @@ def interpolate_views(model: VideoModel, scene: Scene, structure: Optional[torch
         renders = render_scene_path(scene, frames, width, height, path=path or backbone.path, radius=render_radius,
                                     downsample=backbone.render_downsample)
     if not uses_renders:
+        if renders is not None:
+            log.info("renders given but not used: %s does not take them and render guidance is off",
+                     backbone.title)
         renders = None
     out = interpolate(model, refs, structure=structure, frames=frames, seed=seed, callback=callback,
                       renders=None if renders is None else renders.frames,
