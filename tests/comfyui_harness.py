@@ -99,6 +99,9 @@ def small_run_overrides(class_type: str, inputs: dict, names: dict) -> dict:
         set_if("frames", 4)
     elif class_type == "ReconXRenderGaussians":
         set_if("frames", 4)
+    elif class_type == "ReconXEvaluateHeldOut":
+        set_if("iterations", 30)
+        set_if("lpips", "off")  # no LPIPS backbone offline
     return inputs
 
 
