@@ -183,6 +183,13 @@ def main():
         store(args, path_name, env, results)
 
 
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def store(args, path_name, env, results):
     """Add this numeric path to the JSON file and refresh the union over all stored paths."""
     data = json.loads(args.json.read_text()) if args.json.exists() else {}
@@ -194,8 +201,7 @@ def store(args, path_name, env, results):
     data["made_with"] = {"dust3r": "naver/dust3r@4c24a6ebf04809f2cfe59915e51779c8984aaa40",
                          "croco": "naver/croco@d7de0705845239092414480bd829228723bf20de",
                          "torch": torch.__version__, "python": platform.python_version(),
-                         "cpu": f"{platform.processor() or platform.machine()}, torch capability "
-                                f"{torch.backends.cpu.get_cpu_capability()} by default",
+                         "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
                          "torch_threads": 1,
                          "official_calls": "global_aligner(PointCloudOptimizer) after torch.manual_seed(0); "
                                            "init_minimum_spanning_tree(niter_PnP=10); 300 x global_alignment_iter("
@@ -204,7 +210,8 @@ def store(args, path_name, env, results):
                             "how": "pts_i and pts_j_in_i each x (1 + noise * torch.randn(shape, generator="
                                    "torch.Generator().manual_seed(seed))), pts_i drawn first"}
     paths = data.setdefault("numeric_paths", {})
-    paths[path_name] = dict(results, env={k: v for k, v in env.items() if v})
+    paths[path_name] = dict(results, env={k: v for k, v in env.items() if v},
+                            torch_cpu_capability=torch.backends.cpu.get_cpu_capability())
     union = {}
     for result in paths.values():
         for section in ("unperturbed", "loop_from_fixture_init"):
