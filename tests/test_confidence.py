@@ -23,7 +23,8 @@ CENTRE_TOL = 0.005  # relative to the distance between the two reference camera 
 FOCAL_TOL = 0.005
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # see tests/conftest.py
+              pytest.mark.numeric]  # float32 alignment: CI runs it again on a second numeric path (test-numeric)
 
 
 def _path_cameras(n: int) -> torch.Tensor:

@@ -26,7 +26,8 @@ TEST_ANGLES = [-0.21, 0.07, 0.21]   # between training views
 DENSIFY_GAIN_DB = 2.5
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # see tests/conftest.py
+              pytest.mark.numeric]  # float32 fit: CI runs it again on a second numeric path (test-numeric)
 
 
 @pytest.fixture(scope="module")
