@@ -36,7 +36,7 @@ class ReconXEncodePointCloud:
         return {"required": {
             "scene": ("RECONX_SCENE", {"tooltip": "The aligned scene (ReconX DUSt3R Global Alignment)."}),
             "video_model": ("RECONX_VIDEO_MODEL", {"tooltip": "Video model with its structure branch loaded."}),
-            "max_points": ("INT", {"default": 65536, "min": 256, "max": 1_000_000, "step": 256,
+            "max_points": ("INT", {"default": 65536, "min": 256, "max": 1_048_576, "step": 256,
                                    "tooltip": "Point budget P; the tokens are its 1/8 farthest-point sample."}),
         }}
 
@@ -49,7 +49,7 @@ class ReconXEncodePointCloud:
         model = managed.acquire()
         if model.structure_encoder is None:
             raise InputError("this video model has no structure branch: pick a structure-branch file in ReconX "
-                             "Video Model Loader, or leave the structure input of ReconX Interpolate unconnected")
+                             "Video Model Loader, or leave the structure input of ReconX Interpolate Views unconnected")
         progress = bridge.Progress(1)
         try:
             # with staged offload the weights live on the offload device until their stage runs

@@ -17,8 +17,9 @@ run's settings), OUTPUT/renders/<scene>/<target>.png, OUTPUT/renders/<scene>/sid
 OUTPUT/scenes/<scene>.json per finished scene (written last, atomically: --resume skips those scenes).
 
 Modes: geometry (DUSt3R on the two views -> global alignment -> 3DGS on the two views), reconx (geometry, then
-DynamiCrafter interpolation, confidence mapping, and the confidence-aware 3DGS on all frames). render-guided and
-viewcrafter need the structure-guidance modes; they register here when those exist.
+DynamiCrafter interpolation, confidence mapping, and the confidence-aware 3DGS on all frames), render-guided (as
+reconx, DynamiCrafter pulled towards point-cloud renders by x0 fusion; --guidance), viewcrafter (as reconx, with
+ViewCrafter_25_512 conditioned on the renders; --viewcrafter-weights).
 
 --tiny: every stage with tiny random-weight models and (without --data-root) synthetic ray-cast scenes, at
 64 x 64, LPIPS on a random backbone: a SMOKE RUN of the code path whose numbers mean nothing.
@@ -51,6 +52,8 @@ DUST3R_FILE = "DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth"
 DUST3R_URL = f"https://download.europe.naverlabs.com/ComputerVision/DUSt3R/{DUST3R_FILE}"
 VIDEO_FILE = "dynamicrafter_512_interp.ckpt"
 VIDEO_URL = "https://huggingface.co/Doubiiu/DynamiCrafter_512_Interp/resolve/main/model.ckpt"
+VIEWCRAFTER_FILE = "viewcrafter_25_512.ckpt"
+VIEWCRAFTER_URL = "https://huggingface.co/Drexubery/ViewCrafter_25_512/resolve/main/model.ckpt"
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -68,7 +71,8 @@ class Settings:
     fit_weights: tuple = (0.8, 0.2, 0.5)
     sh_degree: int = 3
     max_points: int = 100_000
-    frames: int = 16
+    frames: Optional[int] = None    # None: the video backbone's own (16 for DynamiCrafter, 25 for ViewCrafter)
+    guidance: str = "x0 fusion"     # render-guided mode
     structure_points: int = 65536
     video_steps: int = 50
     cfg: float = 7.5
@@ -94,10 +98,6 @@ class Mode:
 
 
 MODES: dict = {}
-PLANNED_MODES = {
-    "render-guided": "ReconX with point-cloud renders as the video model's structure guidance",
-    "viewcrafter": "ViewCrafter-style point-cloud-render conditioning",
-}
 
 
 def register_mode(name: str, needs: tuple, description: str):
@@ -188,11 +188,10 @@ def letterbox(images: torch.Tensor, cameras, height: int, width: int) -> tuple:
     return canvas, conf, Cameras(cameras.cam_to_world, K, width, height)
 
 
-@register_mode("reconx", needs=("dust3r", "video"),
-               description="DUSt3R, DynamiCrafter interpolation, confidence mapping, confidence-aware 3DGS")
-def reconstruct_reconx(context, models, settings) -> Reconstruction:
-    """scripts/demo.py's stages 2-5 (structure tokens when the video model has a structure branch,
-    interpolation, confidence mapping, the confidence-weighted fit initialised at the end frames' confident
+def _video_reconstruction(context, models, settings, video_key: str, guidance=None) -> Reconstruction:
+    """scripts/demo.py's stages 2-5 with the video model `models[video_key]` (structure tokens when it has a
+    trained structure branch, interpolation — guided by point-cloud renders when the backbone or `guidance`
+    takes them —, confidence mapping, the confidence-weighted fit initialised at the end frames' confident
     points), with two additions for the benchmark: the two context photos join the fit, letterboxed into the
     video frames' size with zero confidence on the padding (the video model sees only a centre crop of them,
     while the targets are rendered at the photos' full size), and stage 1's confident points join the init."""
@@ -203,12 +202,12 @@ def reconstruct_reconx(context, models, settings) -> Reconstruction:
     from reconx_core.video import interpolate_views
 
     scene, cams = _dust3r_stage(context, models, settings)
-    video, dust3r = models["video"], models["dust3r"]
+    video, dust3r = models[video_key], models["dust3r"]
     structure = None
-    if video.structure_encoder is not None:
+    if video.has_structure_branch:
         structure = encode_scene(video.structure_encoder, scene, max_points=settings.structure_points)
     views = interpolate_views(video, scene, structure=structure, frames=settings.frames, seed=settings.seed,
-                              steps=settings.video_steps, cfg=settings.cfg)
+                              steps=settings.video_steps, cfg=settings.cfg, guidance=guidance)
     views = map_confidence(dust3r, views, niter=settings.confidence_iters, min_conf_thr=settings.min_conf)
     device = views.frames.device
     height, width = views.frames.shape[-2:]
@@ -224,9 +223,34 @@ def reconstruct_reconx(context, models, settings) -> Reconstruction:
     init = (torch.cat([views.pts3d[ends][keep], points.to(device)]),
             torch.cat([views.frames[ends].permute(0, 2, 3, 1)[keep], colours.to(device)]))
     gaussians = fit_gaussians(images, all_cams, conf=conf, init=init, **_fit_kwargs(settings, models))
-    return Reconstruction(gaussians, cams.to("cpu"), {"frames": len(views), "mean_confidence":
-                                                      float(views.conf.mean()),
-                                                      "focals_px": [float(f) for f in cams.focals]})
+    info = {"frames": len(views), "mean_confidence": float(views.conf.mean()), "backbone": views.info["backbone"],
+            "guidance": views.info["guidance"], "focals_px": [float(f) for f in cams.focals]}
+    deviation = views.info.get("confidence", {}).get("intended_deviation")
+    if deviation:
+        info["intended_deviation"] = {k: float(torch.as_tensor(v).float().max()) for k, v in deviation.items()
+                                      if isinstance(v, (torch.Tensor, float, int))}
+    return Reconstruction(gaussians, cams.to("cpu"), info)
+
+
+@register_mode("reconx", needs=("dust3r", "video"),
+               description="DUSt3R, DynamiCrafter interpolation, confidence mapping, confidence-aware 3DGS")
+def reconstruct_reconx(context, models, settings) -> Reconstruction:
+    return _video_reconstruction(context, models, settings, "video")
+
+
+@register_mode("render-guided", needs=("dust3r", "video"),
+               description="as reconx, with DynamiCrafter pulled towards point-cloud renders (x0 fusion)")
+def reconstruct_render_guided(context, models, settings) -> Reconstruction:
+    from reconx_core.video.guidance import GuidanceSettings
+
+    return _video_reconstruction(context, models, settings, "video",
+                                 guidance=GuidanceSettings(mode=settings.guidance))
+
+
+@register_mode("viewcrafter", needs=("dust3r", "viewcrafter"),
+               description="as reconx, with ViewCrafter conditioned on point-cloud renders")
+def reconstruct_viewcrafter(context, models, settings) -> Reconstruction:
+    return _video_reconstruction(context, models, settings, "viewcrafter")
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -252,6 +276,10 @@ def load_models(needs: tuple, args, settings: Settings, device: torch.device, ti
         path = tiny_paths["dust3r"] if tiny_paths else _required_file(
             args.dust3r_weights, models_dir / "dust3r" / DUST3R_FILE, DUST3R_URL, "DUSt3R")
         models["dust3r"] = load_dust3r(str(path), device=device).eval()
+    from reconx_core.video import load_video_model
+    from reconx_core.video.backbones import load_backbone
+
+    dtype = torch.bfloat16 if device.type == "cuda" else None
     if "video" in needs:
         if tiny_paths:
             path, branch = tiny_paths["video"], tiny_paths["structure_branch"]
@@ -259,11 +287,14 @@ def load_models(needs: tuple, args, settings: Settings, device: torch.device, ti
             path = _required_file(args.video_weights, models_dir / "reconx" / VIDEO_FILE, VIDEO_URL,
                                   "DynamiCrafter 512 interp")
             branch = args.structure_weights
-        from reconx_core.video import load_video_model
-
-        dtype = torch.bfloat16 if device.type == "cuda" else None
         models["video"] = load_video_model(path, device=device, dtype=dtype, structure_path=branch,
                                            offload=device.type == "cuda")
+        load_backbone(models["video"], path, "dynamicrafter_512_interp")
+    if "viewcrafter" in needs:
+        path = tiny_paths["viewcrafter"] if tiny_paths else _required_file(
+            args.viewcrafter_weights, models_dir / "reconx" / VIEWCRAFTER_FILE, VIEWCRAFTER_URL, "ViewCrafter_25_512")
+        models["viewcrafter"] = load_video_model(path, device=device, dtype=dtype, offload=device.type == "cuda")
+        load_backbone(models["viewcrafter"], path, "viewcrafter_25_512")
     return models
 
 
@@ -272,7 +303,7 @@ def tiny_model_paths(needs: tuple, seed: int = 0) -> dict:
     loaders when the mode needs the video model; a DUSt3R-only mode takes the tiny DUSt3R as built (writing the
     video model would import diffusers for nothing)."""
     from reconx_core.testing import tiny_dust3r, write_tiny_models
-    if "video" in needs:
+    if "video" in needs or "viewcrafter" in needs:
         return write_tiny_models(tempfile.mkdtemp(prefix="reconx-eval-tiny-"), seed=seed)
     return {"dust3r_model": tiny_dust3r(seed)}
 
@@ -282,7 +313,7 @@ def tiny_model_paths(needs: tuple, seed: int = 0) -> dict:
 def settings_from_args(args) -> Settings:
     s = Settings(mode=args.mode, tiny=args.tiny, target_intrinsics=args.target_intrinsics,
                  refine_steps=args.refine_steps, refine_lr=args.refine_lr, lpips_net=args.lpips_net, seed=args.seed,
-                 lpips_random_backbone=args.lpips_random_backbone)
+                 lpips_random_backbone=args.lpips_random_backbone, guidance=args.guidance)
     if args.tiny:
         s = dataclasses.replace(s, image_size=(64, 64), align_iters=30, min_conf=1.0, fit_steps=30,
                                 fit_weights=(0.8, 0.2, 0.0), sh_degree=0, max_points=5000, frames=4, video_steps=2,
@@ -329,7 +360,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", help="RealEstate10K/ACID in pixelSplat's layout ({train,test}/*.torch + "
                         "index.json) or DL3DV scene folders (transforms.json); --tiny without it: synthetic scenes")
     parser.add_argument("--index", help="evaluation index (MVSplat's assets/evaluation_index_re10k.json, ...)")
-    parser.add_argument("--mode", required=True, choices=sorted(set(MODES) | set(PLANNED_MODES)))
+    parser.add_argument("--mode", required=True, choices=sorted(MODES))
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--limit", type=int, help="evaluate only the first N scenes (in the dataset's order)")
     parser.add_argument("--resume", action="store_true", help="skip scenes finished by an earlier run")
@@ -340,6 +371,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dust3r-weights")
     parser.add_argument("--video-weights")
     parser.add_argument("--structure-weights")
+    parser.add_argument("--viewcrafter-weights", help="ViewCrafter_25_512's model.ckpt (viewcrafter mode)")
+    parser.add_argument("--guidance", choices=("x0 fusion", "render init", "render init + x0 fusion"),
+                        default="x0 fusion", help="render guidance of the render-guided mode")
     parser.add_argument("--fit-steps", type=int)
     parser.add_argument("--fit-lpips-weight", type=float, help="LPIPS weight of the 3DGS fit (0.5; 0 = no alexnet)")
     parser.add_argument("--frames", type=int, help="video frames per segment (reconx mode)")
@@ -355,9 +389,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    if args.mode in PLANNED_MODES:
-        raise SystemExit(f"error: mode {args.mode!r} ({PLANNED_MODES[args.mode]}) needs the structure-guidance "
-                         f"modes, which are not in this version yet; available: {', '.join(sorted(MODES))}")
     accelerator = make_accelerator(args.cpu)
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1

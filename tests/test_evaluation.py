@@ -278,11 +278,9 @@ def test_evaluate_script_oracle_mode_scores_high(oracle_data, tmp_path):
         targets = [f"{t:06d}" for t in oracle_data["index"][key].target]
         assert names == sorted([f"{t}.png" for t in targets] + [f"{t}_refined.png" for t in targets]
                                + ["side_by_side.png"])
-    # a second run into the same folder without --resume is refused; a planned mode says what it needs
+    # a second run into the same folder without --resume is refused
     with pytest.raises(SystemExit, match="--resume"):
         script.main(args)
-    with pytest.raises(SystemExit, match="structure-guidance"):
-        script.main(args[:5] + ["viewcrafter"] + args[6:])
 
 
 def _script_env():
@@ -334,16 +332,17 @@ def test_tiny_run_resumes_after_a_kill_without_recomputing(tmp_path):
         assert (out / "renders" / key / "side_by_side.png").is_file()
 
 
-def test_tiny_reconx_mode_end_to_end(tmp_path):
-    """--tiny reconx on synthetic data the script writes itself: DUSt3R, interpolation, confidence mapping and
-    the fit with tiny random models, through the whole loop."""
-    out = tmp_path / "tiny_reconx"
-    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--tiny", "--mode", "reconx", "--limit", "2",
+@pytest.mark.parametrize("mode", ["reconx", "render-guided", "viewcrafter"])
+def test_tiny_video_modes_end_to_end(tmp_path, mode):
+    """--tiny with each video mode on synthetic data the script writes itself: DUSt3R, (renders,) interpolation,
+    confidence mapping and the fit with tiny random models, through the whole loop."""
+    out = tmp_path / f"tiny_{mode}"
+    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--tiny", "--mode", mode, "--limit", "2",
            "--output", str(out)]
     done = subprocess.run(cmd, env=_script_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["mode"] == "reconx" and summary["scenes"] + len(summary["failed"]) == 2
+    assert summary["mode"] == mode and summary["scenes"] + len(summary["failed"]) == 2
     # random weights: a scene fails only for want of a baseline between DUSt3R's two cameras, never otherwise
     for failure in summary["failed"]:
         assert "one centre" in failure["error"]

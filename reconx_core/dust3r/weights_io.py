@@ -49,7 +49,7 @@ _FAMILIES = {
     "CroCo": ("a CroCo pre-training checkpoint, an encoder/decoder without DUSt3R's point-map heads", None),
     "DUNE-MASt3R": ("a DUNE+MASt3R checkpoint, whose DUNE encoder ReconX does not support", None),
     "DynamiCrafter": ("a DynamiCrafter video-diffusion checkpoint", "ReconX Video Model Loader (models/reconx)"),
-    "ReconX structure branch": ("a ReconX structure-branch file", "the structure_branch input of ReconX Video Model "
+    "ReconX structure branch": ("a ReconX structure-branch file", "the structure_name input of ReconX Video Model "
                                                                   "Loader"),
     "Stable Diffusion": ("a Stable Diffusion-style image checkpoint without DynamiCrafter's video layers", None),
     "VAE": ("an image autoencoder", None),

@@ -30,7 +30,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     q: (B, Lq, heads*d), k / v: (B, Lk, heads*d), same dtype. Returns (B, Lq, heads*d).
     """
     q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        # CPU kernels for half-precision attention need AVX-512 on some builds ("pack_vnni2 is only supported
+        # when avx512 is supported"): compute in float32 there, the result rounded back to the weights' dtype.
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
     return rearrange(out, "b h n d -> b n (h d)")
 
 
