@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import CheckpointError, InputError
 from .attention import SpatialTransformer, TemporalTransformer
@@ -128,6 +129,9 @@ class UNet(nn.Module):
         self.fs_condition = fs_condition
         self.addition_attention = addition_attention
         self.temporal_length = temporal_length
+        # Training only: recompute each input/middle/output block in the backward pass instead of keeping its
+        # activations (the official `use_checkpoint`; build_unet sets it from that option).
+        self.gradient_checkpointing = False
         emb_dim = model_channels * 4
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -198,6 +202,12 @@ class UNet(nn.Module):
                 h = layer(h)
         return h
 
+    def _block(self, layers: nn.ModuleList, h, emb, context, structure, b: int) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # non-reentrant: works with frozen inputs, DDP and keyword-free None arguments; RNG state is replayed
+            return checkpoint(self._run, layers, h, emb, context, structure, b, use_reentrant=False)
+        return self._run(layers, h, emb, context, structure, b)
+
     def _frame_context(self, context: torch.Tensor, t: int) -> torch.Tensor:
         """(B, L, D) -> (B*T, L', D). With L = 77 + T*16 every frame gets its own 16 image tokens."""
         length = context.shape[1]
@@ -242,13 +252,13 @@ class UNet(nn.Module):
         h = rearrange(x, "b c t h w -> (b t) c h w").to(dtype)
         hs = []
         for i, block in enumerate(self.input_blocks):
-            h = self._run(block, h, emb, context, structure, b)
+            h = self._block(block, h, emb, context, structure, b)
             if i == 0 and self.addition_attention:
-                h = self._run(self.init_attn, h, emb, context, structure, b)
+                h = self._block(self.init_attn, h, emb, context, structure, b)
             hs.append(h)
-        h = self._run(self.middle_block, h, emb, context, structure, b)
+        h = self._block(self.middle_block, h, emb, context, structure, b)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, hs.pop()], dim=1), emb, context, structure, b)
+            h = self._block(block, torch.cat([h, hs.pop()], dim=1), emb, context, structure, b)
         y = self.out(h).to(x.dtype)
         return rearrange(y, "(b t) c h w -> b c t h w", b=b)
 
@@ -303,4 +313,6 @@ def build_unet(config: dict) -> UNet:
             raise InputError(f"unknown UNet option {key!r}")
     if kwargs.get("num_head_channels", 64) in (None, -1):
         raise InputError("num_head_channels must be set (DynamiCrafter uses 64)")
-    return UNet(**kwargs)
+    unet = UNet(**kwargs)
+    unet.gradient_checkpointing = bool(config.get("use_checkpoint") or False)
+    return unet
