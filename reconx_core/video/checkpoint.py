@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from ..dust3r.weights_io import DYNAMICRAFTER_FILES, check_model_family, identify_model, read_weights
 from ..errors import CheckpointError
 from ..structure import PointCloudEncoder
+from .backbones import DEFAULT_BACKBONE
 from .comfy_layouts import load_empty_prompt, save_empty_prompt, tower_state
 from .model import OFFICIAL_512_INTERP, VideoModel, build_video_model
 from .vae import diffusers_to_ldm_key, ldm_to_diffusers_key
@@ -362,12 +363,19 @@ def save_structure_branch(model: VideoModel, path: Union[str, Path]) -> None:
     tensors = {f"structure_encoder.{k}": v for k, v in model.structure_encoder.state_dict().items()}
     tensors.update({f"unet.{k}": v for k, v in model.unet.state_dict().items() if "_struct" in k})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {"format": STRUCTURE_FORMAT, "encoder_config": json.dumps(model.structure_encoder.config)}
+    meta = {"format": STRUCTURE_FORMAT, "encoder_config": json.dumps(model.structure_encoder.config),
+            "backbone": model.config.get("backbone", DEFAULT_BACKBONE)}
     save_file(tensors, str(path), metadata=meta)
 
 
 def load_structure_branch(model: VideoModel, path: Union[str, Path]) -> VideoModel:
-    """Attach the point-cloud encoder and set the UNet's branch tensors from `save_structure_branch`'s file."""
+    """Attach the point-cloud encoder and set the UNet's branch tensors from `save_structure_branch`'s file.
+
+    A trained file (reconx_core.training.export) may also hold `unet.*` base-layer tensors its training stage
+    fine-tuned (e.g. the image cross-attention `to_k_ip`/`to_v_ip`); they replace the checkpoint's. Its metadata
+    names the backbone it was trained for ("backbone"); a model running as another backbone refuses it, here when
+    the model already knows its backbone, else in backbones.configure_model.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"structure-branch file {path} not found")
@@ -384,9 +392,20 @@ def load_structure_branch(model: VideoModel, path: Union[str, Path]) -> VideoMod
     enc_state = {k[len("structure_encoder."):]: v for k, v in tensors.items() if k.startswith("structure_encoder.")}
     unet_state = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
     expected = set(model.unet.structure_parameter_names())
-    if set(unet_state) != expected:
-        raise CheckpointError(f"{path.name} does not fit this UNet: {len(set(unet_state) ^ expected)} branch "
+    branch = {k for k in unet_state if "_struct" in k}
+    if branch != expected:
+        raise CheckpointError(f"{path.name} does not fit this UNet: {len(branch ^ expected)} branch "
                               "tensors differ (was it trained for another model size?)")
+    unknown = sorted(set(unet_state) - expected - {n for n, _ in model.unet.named_parameters()})
+    if unknown:
+        raise CheckpointError(f"{path.name} does not fit this UNet: it holds {len(unknown)} UNet tensors the model "
+                              f"lacks (e.g. {unknown[:2]}); was it trained for another video model?")
+    trained_for = meta.get("backbone")
+    running = model.config.get("backbone")
+    if trained_for and running and trained_for != running:
+        raise CheckpointError(f"{path.name} was trained for the {trained_for} video backbone, but this video model "
+                              f"runs as {running}; load it with a {trained_for} checkpoint, or use a structure "
+                              f"branch trained for {running}")
     try:
         encoder.load_state_dict(enc_state)
     except RuntimeError as err:
@@ -396,8 +415,10 @@ def load_structure_branch(model: VideoModel, path: Union[str, Path]) -> VideoMod
     with torch.no_grad():
         for name, value in unet_state.items():
             if params[name].shape != value.shape:
-                raise CheckpointError(f"{path.name}: {name} has shape {tuple(value.shape)}, "
-                                      f"the UNet needs {tuple(params[name].shape)}")
+                raise CheckpointError(f"{path.name} was saved for a video model of another size ({name} has "
+                                      f"shape {tuple(value.shape)}, this UNet needs {tuple(params[name].shape)}); "
+                                      "pick the structure-branch file made for this checkpoint, or 'none'")
             params[name].copy_(value)
     model.structure_encoder = encoder.to(device=device, dtype=dtype).eval()
+    model.structure_backbone = trained_for  # checked again when the model is configured as a backbone
     return model

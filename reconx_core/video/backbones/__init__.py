@@ -220,6 +220,11 @@ def configure_model(model, backbone: Backbone, stored_config: Optional[dict] = N
     official code uses), else the backbone's base scale."""
     from ..schedule import DiffusionSchedule
 
+    trained_for = getattr(model, "structure_backbone", None)  # set by load_structure_branch from its metadata
+    if trained_for and trained_for != backbone.name:
+        raise CheckpointError(f"the structure branch was trained for the {trained_for} video backbone, but this "
+                              f"video model runs as {backbone.name}; load it with a {trained_for} checkpoint, or "
+                              f"use a structure branch trained for {backbone.name}")
     model.config["backbone"] = backbone.name
     if not (stored_config and "resolution" in stored_config):
         model.config["resolution"] = list(backbone.resolution)
