@@ -113,7 +113,7 @@ class PointCloudEncoder(nn.Module):
         """points: (B, N, 3) world coordinates (any scale), finite. Returns (B, ceil(N/8), dim) in the weights' dtype."""
         if points.dim() != 3 or points.shape[-1] != 3 or points.shape[1] < 1:
             raise InputError(f"points must be (B, N, 3) with N >= 1, got {tuple(points.shape)}")
-        if not torch.isfinite(points).all():
+        if not points.is_meta and not torch.isfinite(points).all():  # meta: memory tracing (training.memory)
             raise InputError("points contain NaN or inf; filter them (scene_points does) before encoding")
         xyz = normalize_points(points.float())
         m = math.ceil(xyz.shape[1] / DOWNSAMPLE)
