@@ -332,21 +332,26 @@ def test_tiny_run_resumes_after_a_kill_without_recomputing(tmp_path):
         assert (out / "renders" / key / "side_by_side.png").is_file()
 
 
-@pytest.mark.parametrize("mode", ["reconx", "render-guided", "viewcrafter"])
+# Scenes per mode: random weights leave some scenes without a baseline (measured: reconx and viewcrafter finish
+# 1 of the first 2, render-guided 2 of the first 4), and each mode must finish at least one.
+TINY_SCENES = {"reconx": 2, "render-guided": 4, "viewcrafter": 2}
+
+
+@pytest.mark.parametrize("mode", sorted(TINY_SCENES))
 def test_tiny_video_modes_end_to_end(tmp_path, mode):
     """--tiny with each video mode on synthetic data the script writes itself: DUSt3R, (renders,) interpolation,
     confidence mapping and the fit with tiny random models, through the whole loop."""
     out = tmp_path / f"tiny_{mode}"
-    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--tiny", "--mode", mode, "--limit", "2",
-           "--output", str(out)]
+    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--tiny", "--mode", mode, "--limit",
+           str(TINY_SCENES[mode]), "--output", str(out)]
     done = subprocess.run(cmd, env=_script_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["mode"] == mode and summary["scenes"] + len(summary["failed"]) == 2
-    # random weights: a scene fails only for want of a baseline between DUSt3R's two cameras, never otherwise
+    assert summary["mode"] == mode and summary["scenes"] + len(summary["failed"]) == TINY_SCENES[mode]
+    # random weights: a scene fails only for want of a baseline (between DUSt3R's two cameras, or between the
+    # reference frames of the generated video in confidence mapping), never otherwise
     for failure in summary["failed"]:
-        assert "one centre" in failure["error"]
-    # measured: one of the two scenes gets a baseline from the random DUSt3R (the other fails as above)
+        assert "centre" in failure["error"] and ("baseline" in failure["error"] or "scale" in failure["error"])
     assert summary["scenes"] >= 1
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
