@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stage", type=int, choices=(1, 2), help="override the config's stage")
     parser.add_argument("--checkpoint", help="override model.checkpoint (the DynamiCrafter file)")
     parser.add_argument("--init-branch", help="override model.init_branch (stage 2: stage 1's export)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="cpu: run on the CPU even when CUDA is available")
+    parser.add_argument("--device", help="cpu: run on the CPU even when CUDA is available (cuda, cuda:0: the GPUs "
+                        "accelerate assigns, one per process)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override any config entry, e.g. --set optim.lr=1e-5 --set data.frames=16")
     args = parser.parse_args(argv)
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
         overrides.setdefault("model", {})["init_branch"] = args.init_branch
     config = load_config(args.config, overrides)
     result = train(config, args.data_root, args.output_dir, max_steps=args.max_steps, resume_from=args.resume_from,
-                   device=args.device)
+                   device="cpu" if (args.device or "").startswith("cpu") else None)
     if result["losses"]:
         print(f"steps {result['start_step']}..{result['steps']} on {result['world_size']} process(es): loss "
               f"{result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}" + (
