@@ -16,7 +16,7 @@ near; one section failing never stops the others):
                random-weight point maps would be meaningless)
   gaussians    3DGS fit, 1,000 steps on 32 frames of 320x512 with LPIPS, torch and gsplat backends, and the two
                backends' images of the same Gaussians compared
-  train        a few steps of training stages 1 and 2 (scripts/train_structure.py), when that script exists
+  train        a few steps of training stages 1 and 2 (reconx_core.training.run_steps)
   viewcrafter  ViewCrafter-512 with random weights, when the pack has a config for it
 The dust3r -> video -> align order puts gsplat's first compile (started in the background at once) beside work
 that does not need it.
@@ -39,7 +39,6 @@ import json
 import math
 import os
 import platform
-import runpy
 import signal
 import subprocess
 import sys
@@ -61,7 +60,7 @@ PLANS = {"dust3r": "DUSt3R ViT-L 512-dpt, random weights: one pair of views (bot
          "align": "global alignment of ray-cast pair predictions: time, peak memory, loss, error vs ground truth",
          "gaussians": "3DGS fit with LPIPS, torch and gsplat backends (gsplat built in the background): steps/s, "
                       "peak memory; both backends' images of the same Gaussians compared",
-         "train": "a few steps of training stages 1 and 2 through scripts/train_structure.py",
+         "train": "a few steps of training stages 1 and 2 through reconx_core.training.run_steps",
          "viewcrafter": "ViewCrafter-512 with random weights: one interpolation run"}
 # Time budget per section in seconds (full profile); a section stops starting sub-runs past its budget.
 BUDGETS = {"dust3r": 60, "video": 170, "align": 60, "gaussians": 190, "train": 60, "viewcrafter": 70}
@@ -691,67 +690,42 @@ def section_gaussians(ctx: Context) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- train
-def _help_text(script: Path) -> str:
-    res = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60,
-                         cwd=str(REPO))
-    return res.stdout + res.stderr
-
-
 def section_train(ctx: Context) -> dict:
-    script = REPO / "scripts" / "train_structure.py"
-    if not script.is_file():
-        return {"status": "skipped", "reason": "not in this version: scripts/train_structure.py is absent"}
-    text = _help_text(script)
-    option = lambda *names: next((n for n in names if n in text), None)  # noqa: E731
-    steps_opt = option("--max-steps", "--steps", "--max_steps")
-    if steps_opt is None:
-        return {"status": "skipped", "reason": "scripts/train_structure.py has no --max-steps/--steps option, so a "
-                                               "few steps cannot be asked for", "help_head": text[:800]}
-    config = next((p for p in (REPO / "configs/train/gpu_check.yaml", REPO / "configs/train/tiny.yaml")
-                   if p.is_file()), None)
-    stage_opt, device_opt = option("--stage"), option("--device")
-    out_opt = option("--output-dir", "--out-dir", "--output", "--out")
-    out = {"script": "scripts/train_structure.py", "config": None if config is None else str(config.relative_to(REPO)),
-           "stages": {}}
-    stages = [1, 2] if stage_opt else [None]
-    if stage_opt is None:
-        out["note"] = "the script has no --stage option: one run"
-    for stage in stages:
-        key = f"stage_{stage}" if stage else "run"
+    """A few optimizer steps of training stages 1 and 2 (reconx_core.training.run_steps, in this process, on random
+    in-memory clips): configs/train/gpu_check.yaml on a GPU (the real architecture, 32 x 320 x 512, bf16, gradient
+    checkpointing), configs/train/tiny.yaml in the CPU simulation."""
+    try:
+        from reconx_core.training import load_config, run_steps
+    except ImportError as exc:
+        return {"status": "skipped", "reason": f"not in this version: reconx_core.training ({exc})"}
+    name = "gpu_check.yaml" if ctx.device.type == "cuda" else "tiny.yaml"
+    config = load_config(REPO / "configs" / "train" / name)
+    out = {"entry": "reconx_core.training.run_steps", "config": f"configs/train/{name}", "stages": {}}
+    failed = []
+    for stage in (1, 2):
+        key = f"stage_{stage}"
         if ctx.remaining() < 5:
             out["stages"][key] = {"status": "skipped", "reason": "time budget used"}
             continue
-        argv = [str(script)]
-        if config is not None and "--config" in text:
-            argv += ["--config", str(config)]
-        if stage:
-            argv += [stage_opt, str(stage)]
-        argv += [steps_opt, str(ctx.profile["train"]["steps"])]
-        if device_opt:
-            argv += [device_opt, str(ctx.device)]
-        tmp = tempfile.mkdtemp(prefix="gpu_check_train_")
-        if out_opt:
-            argv += [out_opt, tmp]
-        saved_argv = sys.argv
         try:
-            sys.argv = argv
             ctx.reset_peak()
-            code = 0
             t0 = time.perf_counter()
-            try:
-                runpy.run_path(str(script), run_name="__main__")
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            result = run_steps(config, steps=ctx.profile["train"]["steps"], device=str(ctx.device), stage=stage)
             ctx.sync()
-            out["stages"][key] = {"status": "ok" if code == 0 else "failed", "argv": argv[1:],
-                                  "wall_s": round(time.perf_counter() - t0, 2), "peak_mib": ctx.peak_mib(),
-                                  **({} if code == 0 else {"reason": f"exit status {code}"})}
+            seconds = result["step_seconds"]
+            out["stages"][key] = {"status": "ok", "wall_s": round(time.perf_counter() - t0, 2),
+                                  "steps": result["steps"], "losses": [round(float(x), 5) for x in result["losses"]],
+                                  "first_step_s": round(seconds[0], 3) if seconds else None,
+                                  "later_step_s": round(sum(seconds[1:]) / max(1, len(seconds) - 1), 3)
+                                  if len(seconds) > 1 else None,
+                                  "peak_mib": ctx.peak_mib(), "parameters": result["parameters"]}
         except Exception as exc:
-            out["stages"][key] = {**error_record(exc), "argv": argv[1:]}
-        finally:
-            sys.argv = saved_argv
+            out["stages"][key] = error_record(exc)
+            failed.append(key)
         free_memory(ctx)
         ctx.report.save()
+    if failed:
+        out.update(status="failed", reason=f"failed: {', '.join(failed)}")
     return out
 
 
@@ -1114,8 +1088,8 @@ def main(argv=None) -> int:
         for s in sections:
             report.data["sections"][s] = {"status": "skipped", "reason": why, "would_measure": PLANS[s]}
         report.data["sections"].get("train", {}).update(
-            availability="scripts/train_structure.py present" if (REPO / "scripts/train_structure.py").is_file()
-            else "would be skipped: scripts/train_structure.py is absent in this version")
+            availability="reconx_core.training present" if (REPO / "reconx_core/training").is_dir()
+            else "would be skipped: reconx_core.training is absent in this version")
         if "viewcrafter" in report.data["sections"]:
             try:
                 where, _, _ = find_viewcrafter()
