@@ -289,8 +289,23 @@ def test_structure_branch_for_another_backbone(models):
     config["unet"] = dict(config["unet"], model_channels=2 * config["unet"]["model_channels"])
     other = build_video_model(config, structure_encoder=True, seed=1)
     save_structure_branch(other, models / "reconx" / "other_branch.safetensors")
-    with pytest.raises(CheckpointError, match=r"other_branch.safetensors.*(does not fit|shape)"):
+    with pytest.raises(CheckpointError, match=r"other_branch.safetensors (does not fit|was saved for a video model "
+                                              r"of another size)"):
         run(ReconXVideoModelLoader(), "load", ckpt_name=TINY_VIDEO, structure_name="other_branch.safetensors",
+            precision="fp32", device="cpu", staged_offload=True)
+
+
+def test_structure_branch_trained_for_another_backbone(models):
+    """A branch of the right size whose metadata names another video backbone (ViewCrafter) is refused for
+    DynamiCrafter, by name."""
+    from reconx_core.video import build_video_model, save_structure_branch, tiny_config
+
+    other = build_video_model(tiny_config(), structure_encoder=True, seed=1)
+    other.config["backbone"] = "viewcrafter_25_512"
+    save_structure_branch(other, models / "reconx" / "viewcrafter_branch.safetensors")
+    with pytest.raises(CheckpointError, match=r"structure branch was trained for the viewcrafter_25_512 video "
+                                              r"backbone, but this video model runs as dynamicrafter_512_interp"):
+        run(ReconXVideoModelLoader(), "load", ckpt_name=TINY_VIDEO, structure_name="viewcrafter_branch.safetensors",
             precision="fp32", device="cpu", staged_offload=True)
 
 
@@ -453,7 +468,8 @@ def test_frontend_rule_reproduces_the_reported_snapping():
 def test_every_row_of_the_readme_table_names_a_test_here():
     """The README's bad-input table (Troubleshooting) lists the test behind each row; each must exist here."""
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Troubleshooting"):readme.index("## Development")]
+    start = readme.index("## Troubleshooting")
+    section = readme[start:readme.index("\n## ", start + 1)]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| input")]
     assert len(rows) >= 19
     for row in rows:
