@@ -42,7 +42,8 @@ _PLAIN_GLOBALS = {"collections.OrderedDict", "builtins.set", "builtins.frozenset
 DUST3R_FILES = ("DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth (recommended), DUSt3R_ViTLarge_BaseDecoder_512_linear.pth, "
                 "DUSt3R_ViTLarge_BaseDecoder_224_linear.pth, MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric.pth, "
                 "or a Hugging Face folder (config.json + model.safetensors) of one of them")
-DYNAMICRAFTER_FILES = "dynamicrafter_512_interp.ckpt (DynamiCrafter_512_Interp's model.ckpt)"
+DYNAMICRAFTER_FILES = ("dynamicrafter_512_interp_fp16_pruned.safetensors (with a CLIP ViT-H clip_vision file) or "
+                       "dynamicrafter_512_interp.ckpt (DynamiCrafter_512_Interp's model.ckpt)")
 _FAMILIES = {
     "DUSt3R": ("a DUSt3R point-map network", "ReconX DUSt3R Loader (models/dust3r)"),
     "MASt3R": ("a MASt3R point-map and descriptor network", "ReconX DUSt3R Loader (models/dust3r)"),
