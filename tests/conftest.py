@@ -15,3 +15,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    """The tiny random-weight models written once per module into a models folder (dust3r/, reconx/)."""
+    from reconx_core.testing import write_tiny_models
+
+    root = tmp_path_factory.mktemp("models")
+    write_tiny_models(root)
+    return root
+
+
+@pytest.fixture
+def use_models(models_dir, monkeypatch):
+    """`models_dir` as the pack's model folders (the nodes' fallback when ComfyUI is absent)."""
+    from nodes import comfy_bridge as bridge
+
+    monkeypatch.setattr(bridge, "_FALLBACK_MODELS_DIR", models_dir)

@@ -7,12 +7,11 @@ The tiny models (reconx_core.testing) stand in for the real checkpoints: a tiny 
 import pytest
 import torch
 
-from nodes import comfy_bridge as bridge
 from nodes.loader_nodes import ReconXVideoModelLoader
 from nodes.structure_nodes import ReconXRenderPointCloud
 from nodes.video_nodes import ReconXInterpolate
 from reconx_core.errors import CheckpointError, InputError
-from reconx_core.testing import TINY_VIDEO, TINY_VIEWCRAFTER, write_tiny_models
+from reconx_core.testing import TINY_VIDEO, TINY_VIEWCRAFTER
 from reconx_core.types import Views
 from reconx_core.video import backbone_names, build_video_model, get_backbone, tiny_config
 from reconx_core.video.backbones import backbone_from_file_name, configure_model, resolve_backbone
@@ -86,18 +85,6 @@ def test_configure_model_without_a_stored_config():
     table = DiffusionSchedule.official(base_scale=0.5).scale_arr
     configure_model(model, get_backbone("viewcrafter_25_1024"), scale_arr=table)
     assert torch.equal(model.schedule.scale_arr, table)
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    write_tiny_models(root)
-    return root
-
-
-@pytest.fixture
-def use_models(models_dir, monkeypatch):
-    monkeypatch.setattr(bridge, "_FALLBACK_MODELS_DIR", models_dir)
 
 
 def test_loader_reads_the_backbone_and_refuses_a_wrong_one(use_models):

@@ -32,20 +32,13 @@ from nodes.gaussian_nodes import ReconXFitGaussians
 from nodes.loader_nodes import ReconXDust3rLoader, ReconXVideoModelLoader
 from nodes.video_nodes import ReconXInterpolate
 from reconx_core.errors import CheckpointError, InputError, ResourceError
-from reconx_core.testing import TINY_BRANCH, TINY_DUST3R, TINY_VIDEO, write_tiny_models
+from reconx_core.testing import TINY_DUST3R, TINY_VIDEO
 from tests.scene_factory import plane_scene
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    write_tiny_models(root)
-    return root
-
-
 @pytest.fixture
 def models(models_dir, monkeypatch):
     """The tiny models as the pack's model folders; files a test adds are removed afterwards."""

@@ -7,21 +7,9 @@ from nodes import comfy_bridge as bridge
 from nodes.loader_nodes import ReconXVideoModelLoader
 from nodes.video_nodes import ReconXEncodePointCloud, ReconXInterpolate
 from reconx_core.errors import InputError, ResourceError
-from reconx_core.testing import TINY_BRANCH, TINY_VIDEO, write_tiny_models
+from reconx_core.testing import TINY_BRANCH, TINY_VIDEO
 from reconx_core.types import Views
 from tests.scene_factory import plane_scene
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    write_tiny_models(root)
-    return root
-
-
-@pytest.fixture
-def use_models(models_dir, monkeypatch):
-    monkeypatch.setattr(bridge, "_FALLBACK_MODELS_DIR", models_dir)
 
 
 def test_loader_lists_files_and_interpolates_without_structure(use_models):
