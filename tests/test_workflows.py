@@ -71,3 +71,16 @@ def test_api_form_links_and_widgets():
     # each photo on its own input (any sizes), not through Batch Images (which crops to the first one's size)
     photos = [align["inputs"][name] for name in ("images", "image_2")]
     assert [prompt[src]["class_type"] for src, _ in photos] == ["LoadImage", "LoadImage"]
+
+
+def test_every_node_has_a_stage_colour():
+    """web/js/reconx.js colours each node by its stage; a node added without a colour reads as foreign in a graph."""
+    import re
+
+    from nodes import NODE_CLASS_MAPPINGS
+
+    script = (REPO / "web" / "js" / "reconx.js").read_text()
+    table = script[script.index("STAGE_COLOURS"):script.index("};")]
+    coloured = set(re.findall(r"(ReconX\w+):", table))
+    assert coloured == set(NODE_CLASS_MAPPINGS), \
+        f"missing colours: {sorted(set(NODE_CLASS_MAPPINGS) - coloured)}, stale: {sorted(coloured - set(NODE_CLASS_MAPPINGS))}"

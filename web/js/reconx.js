@@ -6,10 +6,11 @@ import { app } from "../../scripts/app.js";
 
 const STAGE_COLOURS = {
   ReconXDust3rLoader: "#2a4858", ReconXDust3rAlign: "#2a4858",
-  ReconXEncodePointCloud: "#3d3a5c",
-  ReconXVideoModelLoader: "#4f3a5c", ReconXInterpolate: "#4f3a5c",
+  ReconXEncodePointCloud: "#3d3a5c", ReconXRenderPointCloud: "#3d3a5c",
+  ReconXVideoModelLoader: "#4f3a5c", ReconXInterpolate: "#4f3a5c", ReconXFramesToViews: "#4f3a5c",
   ReconXConfidence: "#5c4a3a",
   ReconXFitGaussians: "#3a5c45", ReconXRenderGaussians: "#3a5c45",
+  ReconXEvaluateHeldOut: "#5c3a3a",
 };
 
 app.registerExtension({
