@@ -82,5 +82,6 @@ def test_every_node_has_a_stage_colour():
     script = (REPO / "web" / "js" / "reconx.js").read_text()
     table = script[script.index("STAGE_COLOURS"):script.index("};")]
     coloured = set(re.findall(r"(ReconX\w+):", table))
-    assert coloured == set(NODE_CLASS_MAPPINGS), \
-        f"missing colours: {sorted(set(NODE_CLASS_MAPPINGS) - coloured)}, stale: {sorted(coloured - set(NODE_CLASS_MAPPINGS))}"
+    registered = set(NODE_CLASS_MAPPINGS)
+    assert coloured == registered, \
+        f"missing colours: {sorted(registered - coloured)}, stale: {sorted(coloured - registered)}"
