@@ -19,7 +19,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL_FILES = ("run_with_pack.sh", "run_workflow.py")
@@ -123,8 +123,11 @@ class ComfyServer:
         config.write_text(f"reconx_test:\n  base_path: {self.models}\n  dust3r: dust3r\n  reconx: reconx\n")
         args = (f"--extra-model-paths-config {config} --input-directory {self.input} "
                 f"--output-directory {self.output}")
+        # TORCH_HOME: a torch hub folder of the server's own, so a backbone in the user's cache (LPIPS's AlexNet)
+        # cannot hide a "file missing" row of the bad-input table.
         return dict(os.environ, COMFY_DIR=str(self.comfy_dir), VENV=str(self.venv), PORT=str(PORT),
-                    STATE_DIR=str(self.state), COMFY_ARGS=args, PACK_MODE="symlink", WAIT_S="240")
+                    STATE_DIR=str(self.state), COMFY_ARGS=args, PACK_MODE="symlink", WAIT_S="240",
+                    TORCH_HOME=str(self.work / "torch_home"))
 
     def prepare(self) -> None:
         from PIL import Image
@@ -178,12 +181,34 @@ class ComfyServer:
         with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{path}", timeout=30) as response:
             return json.loads(response.read())
 
+    def post(self, path: str, data: Optional[dict] = None) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}", method="POST",
+                                         data=json.dumps(data or {}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+
+    def server_log(self) -> str:
+        """Everything the server has printed so far (run_with_pack.sh writes it to STATE_DIR/server.log)."""
+        log = self.state / "server.log"
+        return log.read_text(errors="replace") if log.is_file() else ""
+
+    def files_under(self, *folders: Path) -> set:
+        """Every file below the given folders (default: output, models and ComfyUI's temp folder)."""
+        folders = folders or (self.output, self.models, self.comfy_dir / "temp")
+        return {str(p) for folder in folders if folder.is_dir() for p in folder.rglob("*") if p.is_file()}
+
     def run_example(self, name: str, timeout: int = 900, structure: bool = False,
-                    overrides: Optional[dict] = None) -> dict:
-        """Run example_workflows/NAME.json (made small); returns {"rc", "history", "log"}.
+                    overrides: Optional[dict] = None, edit: Optional[Callable[[dict], None]] = None,
+                    label: str = "", interrupt_at: Optional[str] = None) -> dict:
+        """Run example_workflows/NAME.json (made small); returns {"rc", "history", "log", "prompt"}.
 
         structure: un-bypass ReconX Encode Point Cloud and load the tiny structure branch (structure guidance).
         overrides: {class_type: {input: value}} set after the small-run settings (e.g. another guidance mode).
+        edit: called with the API prompt {node_id: {"class_type", "inputs"}} last, to change it in place (drop a
+        link, add a node). label: names the files this run writes in the work folder.
+        interrupt_at: a class_type; the run is cancelled (POST /interrupt) when that node first reports progress.
+        rc is run_workflow.py's: 0 success, 1 execution error, 2 rejected at queue time, 3 timeout, 4 interrupted.
         """
         workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
         if structure:
@@ -199,15 +224,42 @@ class ComfyServer:
             node = prompt[node_id]
             node["inputs"] = small_run_overrides(node["class_type"], node["inputs"], names)
             node["inputs"].update((overrides or {}).get(node["class_type"], {}))
-        name = name + ("_structure" if structure else "") + ("_overrides" if overrides else "")
+        if edit is not None:
+            edit(prompt)
+        name = name + ("_structure" if structure else "") + ("_overrides" if overrides else "") + label
         api_file = self.work / f"{name}.api.json"
         api_file.write_text(json.dumps(prompt, indent=1))
         history_file = self.work / f"{name}.history.json"
-        run = subprocess.run([sys.executable, str(self.tools / "run_workflow.py"), str(api_file), "--server",
-                              f"127.0.0.1:{PORT}", "--timeout", str(timeout), "--history-out", str(history_file)],
-                             capture_output=True, text=True, timeout=timeout + 60)
+        command = [sys.executable, str(self.tools / "run_workflow.py"), str(api_file), "--server",
+                   f"127.0.0.1:{PORT}", "--timeout", str(timeout), "--history-out", str(history_file)]
+        if interrupt_at is None:
+            run = subprocess.run(command, capture_output=True, text=True, timeout=timeout + 60)
+            rc, log = run.returncode, run.stdout + run.stderr
+        else:
+            rc, log = self._run_and_interrupt(command, prompt, interrupt_at, timeout)
         history = json.loads(history_file.read_text()) if history_file.exists() else {}
-        return {"rc": run.returncode, "history": history, "log": run.stdout + run.stderr}
+        return {"rc": rc, "history": history, "log": log, "prompt": prompt}
+
+    def _run_and_interrupt(self, command: list, prompt: dict, class_type: str, timeout: int) -> tuple:
+        """Run `command` (run_workflow.py) and press Cancel (POST /interrupt) at the first progress report of the
+        node of `class_type`, i.e. while it is inside its loop, as a user would. Returns (rc, log)."""
+        node_id = next(k for k, v in prompt.items() if v["class_type"] == class_type)
+        started = f"progress node {node_id}:"
+        lines, interrupted = [], False
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as run:
+            try:
+                for line in run.stdout:   # run_workflow.py prints each websocket progress message as it comes
+                    lines.append(line)
+                    if not interrupted and line.strip().startswith(started):
+                        self.post("/interrupt")
+                        interrupted = True
+                run.wait(timeout=timeout + 60)
+            finally:
+                if run.poll() is None:
+                    run.kill()
+        if not interrupted:
+            lines.append(f"[harness] node {node_id} ({class_type}) never reported progress: nothing was interrupted\n")
+        return run.returncode, "".join(lines)
 
 
 def main() -> int:

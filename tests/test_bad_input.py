@@ -2,10 +2,10 @@
 
 Each test calls the nodes the way ComfyUI does (keyword widgets, under torch.inference_mode) with the tiny
 random-weight models in a temporary models folder, and checks the message a user would read. ComfyUI turns any
-exception into an error on the failing node and keeps serving; the same table was run through a real ComfyUI 0.33
-server (the commands and results are in the lead's notes for issue 9). No ReconX node writes files (results leave
-as native types that ComfyUI's save nodes write), so "no partial file" is checked here as: the working folder and
-the temporary folder stay empty while a node runs, fails or is interrupted.
+exception into an error on the failing node and keeps serving; tests/test_comfyui_integration.py submits the same
+rows to a real ComfyUI server (test_real_comfyui_*; it runs when COMFYUI_DIR is set). No ReconX node writes files
+(results leave as native types that ComfyUI's save nodes write), so "no partial file" is checked here as: the
+working folder and the temporary folder stay empty while a node runs, fails or is interrupted.
 """
 
 from __future__ import annotations

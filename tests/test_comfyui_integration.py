@@ -9,6 +9,7 @@ By hand: `COMFYUI_DIR=... RECONX_COMFY_TOOLS=... .venv/bin/python tests/comfyui_
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,178 @@ def test_wrong_backbone_for_a_checkpoint_is_a_clear_error(server):
                                 overrides={"ReconXVideoModelLoader": {"backbone": "dynamicrafter_512_interp"}})
     assert result["rc"] == 1
     assert "ReconX Video Model Loader" in result["log"] and "saved as a ViewCrafter_25_512 model" in result["log"]
+
+
+# ---- The README's bad-input table (Troubleshooting), replayed in the real server -------------------------------
+# tests/test_bad_input.py holds each row to its message by calling the nodes directly; these submit the same inputs
+# to ComfyUI as a user's queued graph and check what the table's columns claim: the message reaches the user
+# (run_workflow.py prints the node error or the queue-time rejection), the server keeps serving, and no file is
+# left in the output, temp or models folders.
+
+def is_empty_prompt_cache(path: Path) -> bool:
+    """The video loader saves the empty-prompt text features once, next to the models, when it loads a text tower
+    (written whole, then renamed): a finished loader's deliberate file, never a partial one. It must read back."""
+    from reconx_core.video.comfy_layouts import EMPTY_PROMPT_FILE, load_empty_prompt
+
+    return path.name == EMPTY_PROMPT_FILE and load_empty_prompt(path, load_empty_prompt_width(path)) is not None
+
+
+def load_empty_prompt_width(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_slice("empty_prompt").get_shape()[-1]
+
+
+def check_row(server, result, rc, pattern, files_before):
+    """rc and message as the row says; the server still answers; no file left behind. A node that finished before
+    the failing one (a preview of the point cloud, before a cancelled fit) has written its own complete result,
+    which ComfyUI lists in the prompt's history: only files that no finished node reported count as left."""
+    assert result["rc"] == rc, f"expected run_workflow rc {rc}, got {result['rc']}:\n{result['log'][-4000:]}"
+    assert re.search(pattern, result["log"], re.S), f"{pattern!r} not in:\n{result['log'][-4000:]}"
+    assert "Traceback" not in result["log"], result["log"][-4000:]      # a message, not a stack from torch
+    assert server.get("/system_stats")["system"], "the server stopped answering"
+    reported = json.dumps(result["history"].get("outputs", {}))
+    left = sorted(f for f in server.files_under() - files_before
+                  if Path(f).name not in reported and not is_empty_prompt_cache(Path(f)))
+    assert not left, f"files left: {left}"
+    assert files_before <= server.files_under(), "files were removed"
+
+
+def geometry_row(server, label, overrides=None, edit=None, interrupt_at=None):
+    """The geometry-only template (the cheapest graph that reaches every geometry node) with one bad input."""
+    return server.run_example("reconx_geometry_only", overrides=overrides, edit=edit, label="_" + label,
+                              interrupt_at=interrupt_at)
+
+
+def write_photo(server, name, size, mode="RGB"):
+    from PIL import Image
+
+    Image.new(mode, size, 128).save(server.input / name)
+    return name
+
+
+@needs_comfyui
+def test_real_comfyui_one_photo(server):
+    before = server.files_under()
+    result = geometry_row(server, "one_photo", edit=lambda p: p["5"]["inputs"].pop("image_2"))
+    check_row(server, result, 1, r"ReconX DUSt3R Global Alignment needs at least 2 views, got 1", before)
+
+
+@needs_comfyui
+def test_real_comfyui_tiny_photo(server):
+    name = write_photo(server, "one_pixel.png", (1, 1))
+    before = server.files_under()
+    result = geometry_row(server, "tiny_photo", edit=lambda p: p["2"]["inputs"].update(image=name))
+    check_row(server, result, 1, r"is 1x1 pixels; DUSt3R needs at least 64 px", before)
+
+
+@needs_comfyui
+def test_real_comfyui_greyscale_photos_run(server):
+    grey = [write_photo(server, f"grey_{i}.png", (148 + 8 * i, 100), mode="L") for i in range(2)]
+    before = server.files_under(server.models)
+    result = geometry_row(server, "greyscale", edit=lambda p: (p["1"]["inputs"].update(image=grey[0]),
+                                                               p["2"]["inputs"].update(image=grey[1])))
+    assert result["rc"] == 0, result["log"][-4000:]
+    assert server.files_under(server.models) == before
+
+
+@needs_comfyui
+def test_real_comfyui_two_photos_log_no_nan_loss(server):
+    result = geometry_row(server, "two_photos")
+    assert result["rc"] == 0, result["log"][-4000:]
+    log = server.server_log()
+    assert "aligned 2 views with DUSt3R's pair viewer" in log and "loss nan" not in log
+
+
+def write_dust3r_file(server, kind: str) -> str:
+    """A bad file in models/dust3r, as the table's rows describe."""
+    import os
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = server.models / "dust3r"
+    good = folder / server.names["dust3r"]
+    if kind == "truncated":
+        data = good.read_bytes()
+        (folder / "cut.safetensors").write_bytes(data[: len(data) // 2])
+        return "cut.safetensors"
+    if kind == "random":
+        noise = torch.randint(0, 256, (8192,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        (folder / "random.pth").write_bytes(noise.numpy().tobytes())
+        return "random.pth"
+    if kind == "evil":
+        marker = server.work / "payload_ran"
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        torch.save({"model": load_file(str(good)), "extra": Payload()}, folder / "evil.pth")
+        return "evil.pth"
+    if kind == "video":
+        shutil.copy(server.models / "reconx" / server.names["video"], folder / "video_model.safetensors")
+        return "video_model.safetensors"
+    raise ValueError(kind)
+
+
+@needs_comfyui
+@pytest.mark.parametrize("kind, pattern", [
+    ("truncated", r"cut\.safetensors is damaged \(truncated or corrupt\).*DUSt3R/MASt3R checkpoint again"),
+    ("random", r"random\.pth is damaged \(truncated or corrupt\) or is not a checkpoint at all"),
+    ("evil", r"evil\.pth contains Python objects other than tensors \(posix\.system\)"),
+    ("video", r"is a DynamiCrafter video-diffusion checkpoint.*ReconX Video Model Loader"),
+], ids=["truncated", "random_bytes", "malicious_pickle", "video_model"])
+def test_real_comfyui_bad_dust3r_file(server, kind, pattern):
+    name = write_dust3r_file(server, kind)
+    before = server.files_under()
+    result = geometry_row(server, f"file_{kind}", overrides={"ReconXDust3rLoader": {"ckpt_name": name}})
+    check_row(server, result, 1, pattern, before)
+    assert not (server.work / "payload_ran").exists(), "the pickle's payload ran"
+    if kind == "random":  # corrupt bytes are called corrupt, not a safety refusal
+        assert "other than tensors" not in result["log"]
+
+
+@needs_comfyui
+def test_real_comfyui_missing_files_are_reported_when_queued(server):
+    """A template opened without its files, and LPIPS on without AlexNet: refused at queue time (rc 2), nothing ran."""
+    before = server.files_under()
+    result = geometry_row(server, "no_files", overrides={
+        "ReconXDust3rLoader": {"ckpt_name": "DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth"},
+        "ReconXFitGaussians": {"lpips_weight": 0.5}})
+    check_row(server, result, 2, r"DUSt3R_ViTLarge_BaseDecoder_512_dpt\.pth' is not in models/dust3r", before)
+    assert re.search(r"LPIPS needs the torchvision backbone alexnet-owt-7be5be79\.pth.*lpips_weight", result["log"])
+    assert "executing node" not in result["log"]
+
+
+@needs_comfyui
+def test_real_comfyui_half_precision_on_the_cpu(server):
+    before = server.files_under()
+    result = geometry_row(server, "fp16", overrides={"ReconXDust3rLoader": {"precision": "fp16"}})
+    check_row(server, result, 1, r"precision 'fp16' needs a CUDA GPU; choose 'fp32' or 'auto'", before)
+
+
+def add_third_photo(prompt):
+    """Three photos: the alignment optimises (two views take the pair viewer, which has no loop to cancel)."""
+    prompt["12"] = {"class_type": "LoadImage", "inputs": {"image": "third.png"}}
+    prompt["5"]["inputs"]["image_3"] = ["12", 0]
+
+
+@needs_comfyui
+@pytest.mark.parametrize("stage", ["ReconXDust3rAlign", "ReconXFitGaussians", "ReconXInterpolate"])
+def test_real_comfyui_cancel(server, stage):
+    """Cancel while a stage is in its loop: the run stops in that node, the server serves, no file is left."""
+    before = server.files_under()
+    long = {"ReconXDust3rAlign": {"iterations": 5000}, "ReconXFitGaussians": {"steps": 30000},
+            "ReconXInterpolate": {"steps": 500}}
+    if stage == "ReconXInterpolate":
+        result = server.run_example("reconx_two_views", overrides={stage: long[stage]}, label="_cancel",
+                                    interrupt_at=stage)
+    else:
+        result = geometry_row(server, f"cancel_{stage}", overrides={stage: long[stage]},
+                              edit=add_third_photo if stage == "ReconXDust3rAlign" else None, interrupt_at=stage)
+    check_row(server, result, 4, r"INTERRUPTED prompt \S+ at node", before)
+    node_id = re.search(r"INTERRUPTED prompt \S+ at node (\S+)", result["log"]).group(1)
+    assert result["prompt"][node_id]["class_type"] == stage, f"interrupted in node {node_id}, not in {stage}"
