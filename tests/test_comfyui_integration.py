@@ -160,6 +160,16 @@ def geometry_row(server, label, overrides=None, edit=None, interrupt_at=None):
                               interrupt_at=interrupt_at)
 
 
+def align_inputs(prompt) -> dict:
+    """The inputs of the API prompt's ReconX DUSt3R Global Alignment node."""
+    return next(v["inputs"] for v in prompt.values() if v["class_type"] == "ReconXDust3rAlign")
+
+
+def photo_inputs(prompt, slot) -> dict:
+    """The inputs of the LoadImage node wired to the alignment's `slot` (images, image_2, ...)."""
+    return prompt[align_inputs(prompt)[slot][0]]["inputs"]
+
+
 def write_photo(server, name, size, mode="RGB"):
     from PIL import Image
 
@@ -170,7 +180,7 @@ def write_photo(server, name, size, mode="RGB"):
 @needs_comfyui
 def test_real_comfyui_one_photo(server):
     before = server.files_under()
-    result = geometry_row(server, "one_photo", edit=lambda p: p["5"]["inputs"].pop("image_2"))
+    result = geometry_row(server, "one_photo", edit=lambda p: align_inputs(p).pop("image_2"))
     check_row(server, result, 1, r"ReconX DUSt3R Global Alignment needs at least 2 views, got 1", before)
 
 
@@ -178,7 +188,7 @@ def test_real_comfyui_one_photo(server):
 def test_real_comfyui_tiny_photo(server):
     name = write_photo(server, "one_pixel.png", (1, 1))
     before = server.files_under()
-    result = geometry_row(server, "tiny_photo", edit=lambda p: p["2"]["inputs"].update(image=name))
+    result = geometry_row(server, "tiny_photo", edit=lambda p: photo_inputs(p, "image_2").update(image=name))
     check_row(server, result, 1, r"is 1x1 pixels; DUSt3R needs at least 64 px", before)
 
 
@@ -186,8 +196,8 @@ def test_real_comfyui_tiny_photo(server):
 def test_real_comfyui_greyscale_photos_run(server):
     grey = [write_photo(server, f"grey_{i}.png", (148 + 8 * i, 100), mode="L") for i in range(2)]
     before = server.files_under(server.models)
-    result = geometry_row(server, "greyscale", edit=lambda p: (p["1"]["inputs"].update(image=grey[0]),
-                                                               p["2"]["inputs"].update(image=grey[1])))
+    result = geometry_row(server, "greyscale", edit=lambda p: (photo_inputs(p, "images").update(image=grey[0]),
+                                                               photo_inputs(p, "image_2").update(image=grey[1])))
     assert result["rc"] == 0, result["log"][-4000:]
     assert server.files_under(server.models) == before
 
@@ -271,8 +281,9 @@ def test_real_comfyui_half_precision_on_the_cpu(server):
 
 def add_third_photo(prompt):
     """Three photos: the alignment optimises (two views take the pair viewer, which has no loop to cancel)."""
-    prompt["12"] = {"class_type": "LoadImage", "inputs": {"image": "third.png"}}
-    prompt["5"]["inputs"]["image_3"] = ["12", 0]
+    new_id = str(max(int(k) for k in prompt) + 1)
+    prompt[new_id] = {"class_type": "LoadImage", "inputs": {"image": "third.png"}}
+    align_inputs(prompt)["image_3"] = [new_id, 0]
 
 
 @needs_comfyui
