@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import logging
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ from nodes.loader_nodes import ReconXDust3rLoader, ReconXVideoModelLoader
 from nodes.video_nodes import ReconXInterpolate
 from reconx_core.errors import CheckpointError, InputError, ResourceError
 from reconx_core.testing import TINY_DUST3R, TINY_VIDEO
+from tests.bad_files import write_bad_checkpoint
 from tests.scene_factory import plane_scene
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,35 +219,23 @@ def test_template_without_its_model_files_is_reported_when_queued(models):
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_truncated_checkpoint(models, suffix):
-    state = load_file(str(models / "dust3r" / TINY_DUST3R))
-    full = models / "dust3r" / f"full{suffix}"
-    save_file(state, str(full)) if suffix == ".safetensors" else torch.save({"model": state}, full)
-    data = full.read_bytes()
-    (models / "dust3r" / f"cut{suffix}").write_bytes(data[: len(data) // 2])
+    name = write_bad_checkpoint(models / "dust3r", f"truncated{suffix}", models / "dust3r" / TINY_DUST3R)
     with pytest.raises(CheckpointError, match=r"is damaged.*(?i:download) the DUSt3R/MASt3R checkpoint again"):
-        dust3r(f"cut{suffix}")
+        dust3r(name)
 
 
 def test_random_bytes_checkpoint_is_called_damaged(models):
-    (models / "dust3r" / "random.pth").write_bytes(torch.randint(0, 256, (8192,), dtype=torch.uint8,
-                                                                  generator=torch.Generator().manual_seed(0)).numpy()
-                                                   .tobytes())
+    name = write_bad_checkpoint(models / "dust3r", "random", models / "dust3r" / TINY_DUST3R)
     with pytest.raises(CheckpointError) as error:
-        dust3r("random.pth")
+        dust3r(name)
     assert "damaged" in str(error.value) and "other than tensors" not in str(error.value)
 
 
 def test_malicious_checkpoint_is_refused_and_never_run(models, tmp_path):
     marker = tmp_path / "ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    state = load_file(str(models / "dust3r" / TINY_DUST3R))
-    torch.save({"model": state, "extra": Payload()}, models / "dust3r" / "evil.pth")
+    name = write_bad_checkpoint(models / "dust3r", "malicious", models / "dust3r" / TINY_DUST3R, marker)
     with pytest.raises(CheckpointError, match=r"system"):
-        dust3r("evil.pth")
+        dust3r(name)
     assert not marker.exists()
 
 

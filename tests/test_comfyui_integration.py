@@ -126,17 +126,10 @@ def test_wrong_backbone_for_a_checkpoint_is_a_clear_error(server):
 
 def is_empty_prompt_cache(path: Path) -> bool:
     """The video loader saves the empty-prompt text features once, next to the models, when it loads a text tower
-    (written whole, then renamed): a finished loader's deliberate file, never a partial one. It must read back."""
-    from reconx_core.video.comfy_layouts import EMPTY_PROMPT_FILE, load_empty_prompt
+    (written whole, then renamed): a finished loader's deliberate file, never a partial one; it must read as one."""
+    from reconx_core.model_files import classify_model_file
 
-    return path.name == EMPTY_PROMPT_FILE and load_empty_prompt(path, load_empty_prompt_width(path)) is not None
-
-
-def load_empty_prompt_width(path: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_slice("empty_prompt").get_shape()[-1]
+    return classify_model_file(path) == "empty_prompt"
 
 
 def check_row(server, result, rc, pattern, files_before):
@@ -212,48 +205,28 @@ def test_real_comfyui_two_photos_log_no_nan_loss(server):
 
 def write_dust3r_file(server, kind: str) -> str:
     """A bad file in models/dust3r, as the table's rows describe."""
-    import os
     import shutil
 
-    import torch
-    from safetensors.torch import load_file
+    from tests.bad_files import write_bad_checkpoint
 
     folder = server.models / "dust3r"
-    good = folder / server.names["dust3r"]
-    if kind == "truncated":
-        data = good.read_bytes()
-        (folder / "cut.safetensors").write_bytes(data[: len(data) // 2])
-        return "cut.safetensors"
-    if kind == "random":
-        noise = torch.randint(0, 256, (8192,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        (folder / "random.pth").write_bytes(noise.numpy().tobytes())
-        return "random.pth"
-    if kind == "evil":
-        marker = server.work / "payload_ran"
-
-        class Payload:
-            def __reduce__(self):
-                return (os.system, (f"touch {marker}",))
-
-        torch.save({"model": load_file(str(good)), "extra": Payload()}, folder / "evil.pth")
-        return "evil.pth"
     if kind == "video":
         shutil.copy(server.models / "reconx" / server.names["video"], folder / "video_model.safetensors")
         return "video_model.safetensors"
-    raise ValueError(kind)
+    return write_bad_checkpoint(folder, kind, folder / server.names["dust3r"], marker=server.work / "payload_ran")
 
 
 @needs_comfyui
 @pytest.mark.parametrize("kind, pattern", [
-    ("truncated", r"cut\.safetensors is damaged \(truncated or corrupt\).*DUSt3R/MASt3R checkpoint again"),
+    ("truncated.safetensors", r"cut\.safetensors is damaged \(truncated or corrupt\).*DUSt3R/MASt3R checkpoint again"),
     ("random", r"random\.pth is damaged \(truncated or corrupt\) or is not a checkpoint at all"),
-    ("evil", r"evil\.pth contains Python objects other than tensors \(posix\.system\)"),
+    ("malicious", r"evil\.pth contains Python objects other than tensors \(posix\.system\)"),
     ("video", r"is a DynamiCrafter video-diffusion checkpoint.*ReconX Video Model Loader"),
 ], ids=["truncated", "random_bytes", "malicious_pickle", "video_model"])
 def test_real_comfyui_bad_dust3r_file(server, kind, pattern):
     name = write_dust3r_file(server, kind)
     before = server.files_under()
-    result = geometry_row(server, f"file_{kind}", overrides={"ReconXDust3rLoader": {"ckpt_name": name}})
+    result = geometry_row(server, "file_" + kind.split(".")[0], overrides={"ReconXDust3rLoader": {"ckpt_name": name}})
     check_row(server, result, 1, pattern, before)
     assert not (server.work / "payload_ran").exists(), "the pickle's payload ran"
     if kind == "random":  # corrupt bytes are called corrupt, not a safety refusal

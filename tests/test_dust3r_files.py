@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file, save_model
 
 from reconx_core.dust3r import infer_pairs, load_dust3r, parse_constructor_call, prepare_images, read_config_json
 from reconx_core.errors import CheckpointError
+from tests.bad_files import RunsACommand
 from tests.fixtures import fixture_path, load_json, load_tensors
 
 pytestmark = pytest.mark.numeric  # float32 parity: CI runs it again on a second numeric path (make test-numeric)
@@ -275,16 +276,6 @@ def test_mast3r_runs_through_infer_pairs_and_alignment(mast3r_io):
 
 
 # ============================================================================== 3. damaged files vs unsafe pickles
-class _RunsACommand:
-    """Pickles as a call to os.system; weights-only loading must refuse it without calling it."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _video_loader(path):
     from reconx_core.video.checkpoint import read_state_dict
     return read_state_dict(path)
@@ -324,9 +315,9 @@ def test_damaged_files_are_called_damaged(tmp_path, loader):
 def test_pickles_of_other_objects_are_refused_for_safety(tmp_path, loader):
     marker = tmp_path / "command_ran"
     sd = load_file(str(fixture_path("tiny_linear.safetensors")))
-    torch.save({"model": sd, "extra": _RunsACommand(marker)}, tmp_path / "evil_zip.pth")
+    torch.save({"model": sd, "extra": RunsACommand(marker)}, tmp_path / "evil_zip.pth")
     with open(tmp_path / "evil_plain.pth", "wb") as f:
-        pickle.dump({"model": _RunsACommand(marker)}, f, protocol=5)
+        pickle.dump({"model": RunsACommand(marker)}, f, protocol=5)
     torch.save({"model": sd, "best": np.float64(0.5)}, tmp_path / "numpy_scalar.pth")
     for name, asks_for in (("evil_zip.pth", "system"), ("evil_plain.pth", "system"), ("numpy_scalar.pth", "numpy")):
         with pytest.raises(CheckpointError) as err:
