@@ -13,7 +13,7 @@ import torch
 open_clip = pytest.importorskip("open_clip", reason="open_clip_torch is a test requirement (requirements-test.txt)")
 
 from reconx_core.video.clip import ImageTower, TextTower  # noqa: E402
-from reconx_core.video.comfy_layouts import openclip_key  # noqa: E402
+from reconx_core.video.comfy_layouts import tower_state  # noqa: E402
 from reconx_core.video.tokenizer import ClipTokenizer, find_vocab  # noqa: E402
 
 PROMPTS = [
@@ -49,15 +49,12 @@ def small_open_clip(seed: int = 0):
 
 
 def our_towers(model):
-    """Our TextTower / ImageTower of the same size, loaded from open_clip's state dict through openclip_key."""
+    """Our TextTower / ImageTower of the same size, loaded from open_clip's state dict through tower_state, the
+    conversion the video loader applies to an open_clip file."""
     text, image = TextTower(width=32, layers=3, heads=4), ImageTower(width=32, layers=2, heads=4)
-    mapped = {}
-    for key, value in model.state_dict().items():
-        ours = openclip_key(key)
-        if ours is not None:
-            mapped[ours] = value
-    for tower, prefix in ((text, "text_encoder."), (image, "image_encoder.")):
-        state = {k[len(prefix):]: v for k, v in mapped.items() if k.startswith(prefix)}
+    source = model.state_dict()
+    for tower, want, prefix in ((text, "text", "text_encoder."), (image, "image", "image_encoder.")):
+        state = {k[len(prefix):]: v for k, v in tower_state(source, want).items()}
         tower.load_state_dict(state, strict=True)                   # every tensor the tower reads, named right
     return text.eval(), image.eval()
 
